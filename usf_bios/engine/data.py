@@ -1,0 +1,192 @@
+"""From examples to token rows: chat template, loss mask, truncation, packing, batches.
+
+Targets are shifted per example (``targets[t]`` is the token that position ``t`` predicts;
+an example's last position predicts nothing), so packed examples never predict across
+their boundary. Rows carry ``position_ids`` that restart at 0 for every example; the model
+is called without an attention mask, which makes transformers build a block-diagonal
+causal mask, so packed examples never attend to each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from usf_bios.datasets.formats import Example, Message
+
+IGNORE = -100
+
+
+class TokenizationError(ValueError):
+    """The tokenizer cannot render the dataset (for example: no chat template)."""
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    targets: list[int]     # shifted labels, IGNORE where no loss is taken
+    truncated: bool
+    line: int
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for t in self.targets if t != IGNORE)
+
+
+def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (end-of-turn included).
+
+    A turn whose rendering is not a prefix of the whole (templates that rewrite earlier turns)
+    is left out of the loss; if no turn can be placed, that is an error.
+    """
+    full = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        if upto.startswith(before) and full.startswith(upto):
+            spans.append((len(before), len(upto)))
+    if not spans:
+        raise TokenizationError("the chat template rewrites earlier turns, so assistant tokens cannot be located; "
+                                "set train_on_inputs: true to train on the whole conversation")
+    return full, spans
+
+
+def _tokenize_with_mask(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` and, per token, whether it lies inside one of ``spans``."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in encoded["offset_mapping"]]
+    return ids, mask
+
+
+def _eos_id(tokenizer: Any) -> int | None:
+    return tokenizer.eos_token_id
+
+
+def encode_example(example: Example, tokenizer: Any, max_seq_length: int, train_on_inputs: bool) -> TokenizedExample:
+    """Tokenize one example and mark which tokens carry loss."""
+    if example.templated:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TokenizationError("the tokenizer has no chat template, which chat formats (messages, sharegpt, "
+                                    "alpaca) need; use a model with a chat template, or the prompt_completion or text format")
+        if train_on_inputs:
+            text, spans = _render(tokenizer, example.messages), [(0, 1 << 62)]
+        else:
+            text, spans = assistant_spans(tokenizer, example.messages)
+        ids, trained = _tokenize_with_mask(tokenizer, text, spans)
+    else:
+        *prompt_parts, answer = example.messages
+        prompt_ids: list[int] = tokenizer("".join(m.content for m in prompt_parts))["input_ids"] if prompt_parts else []
+        answer_ids: list[int] = tokenizer(answer.content, add_special_tokens=not prompt_parts)["input_ids"]
+        eos = _eos_id(tokenizer)
+        if eos is not None and (not answer_ids or answer_ids[-1] != eos):
+            answer_ids = answer_ids + [eos]
+        ids = prompt_ids + answer_ids
+        trained = [train_on_inputs] * len(prompt_ids) + [True] * len(answer_ids)
+    truncated = len(ids) > max_seq_length
+    ids, trained = ids[:max_seq_length], trained[:max_seq_length]
+    targets = [ids[t + 1] if trained[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    return TokenizedExample(ids, targets, truncated, example.line)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example indices into rows of at most ``capacity`` tokens.
+
+    Deterministic: ties keep the input order. Returns rows in order of creation.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, row index)
+    for index in order:
+        need = lengths[index]
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(index)
+            bisect.insort(free, (space - need, row))
+        else:
+            rows.append([index])
+            bisect.insort(free, (capacity - need, len(rows) - 1))
+    return rows
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor      # (rows, length)
+    position_ids: torch.Tensor   # restarts at 0 for each example (and for the padding tail)
+    targets: torch.Tensor        # IGNORE on padding and untrained tokens
+    real_tokens: int             # non-padding tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device), self.real_tokens)
+
+
+def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
+    """Concatenate each row's examples and pad rows to the longest one."""
+    flat = [([t for ex in row for t in ex.input_ids], [p for ex in row for p in range(len(ex.input_ids))],
+             [t for ex in row for t in ex.targets]) for row in rows]
+    width = max(len(ids) for ids, _, _ in flat)
+    input_ids, positions, targets = [], [], []
+    for ids, pos, tgt in flat:
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_id] * pad)
+        positions.append(pos + list(range(pad)))
+        targets.append(tgt + [IGNORE] * pad)
+    return Batch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(targets),
+                 real_tokens=sum(len(ids) for ids, _, _ in flat))
+
+
+class TrainingData:
+    """Train/validation rows and the deterministic order of micro-batches in each epoch."""
+
+    def __init__(self, examples: list[TokenizedExample], *, batch_size: int, max_seq_length: int,
+                 packing: bool, val_split: float, seed: int, pad_id: int):
+        self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
+        generator = torch.Generator().manual_seed(seed)
+        shuffled = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
+        n_val = math.floor(len(shuffled) * val_split) if len(shuffled) > 1 else 0
+        self.val_examples, self.train_examples = shuffled[:n_val], shuffled[n_val:]
+        self.train_rows = self._rows(self.train_examples, packing, max_seq_length)
+        self.val_rows = self._rows(self.val_examples, packing, max_seq_length)
+
+    @staticmethod
+    def _rows(examples: list[TokenizedExample], packing: bool, capacity: int) -> list[list[TokenizedExample]]:
+        if not packing:
+            return [[ex] for ex in examples]
+        return [[examples[i] for i in row] for row in pack_rows([len(ex.input_ids) for ex in examples], capacity)]
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_rows) / self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Row order of an epoch: a permutation seeded by (seed, epoch), the same in every process."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_rows), generator=generator).tolist()
+
+    def micro_batch(self, order: list[int], index: int) -> Batch:
+        picked = order[index * self.batch_size:(index + 1) * self.batch_size]
+        return collate([self.train_rows[i] for i in picked], self.pad_id)
+
+    def validation_batches(self) -> list[Batch]:
+        rows = self.val_rows
+        return [collate(rows[i:i + self.batch_size], self.pad_id) for i in range(0, len(rows), self.batch_size)]

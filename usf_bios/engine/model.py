@@ -1,0 +1,138 @@
+"""Load the base model and tokenizer, quantize when asked, and wrap the model with LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from usf_bios.models.validate import check_model_folder, weight_files
+from usf_bios.models.sources import ResolvedModel
+from usf_bios.spec import JobSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as the spec asks (missing files, no CUDA for QLoRA, …)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    precision: str            # bf16 | fp16 | fp32, after resolving 'auto'
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def autocast(self) -> bool:
+        return self.device.type == "cuda" and self.precision in ("bf16", "fp16")
+
+
+def choose_placement(spec: JobSpec) -> Placement:
+    """CPU when num_gpus is 0, else the first visible GPU (CUDA_VISIBLE_DEVICES decides which)."""
+    hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
+    if gpus == 0:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise ModelLoadError(f"gpu_config.num_gpus is {gpus} but no CUDA GPU is visible; set gpu_config.num_gpus: 0 "
+                             "to train on the CPU")
+    elif gpus > 1:
+        raise ModelLoadError(f"gpu_config.num_gpus is {gpus}: one job trains on one GPU for now; set num_gpus: 1")
+    else:
+        device = torch.device("cuda", 0)
+    precision = hp.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ModelLoadError("hyperparameters.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("hyperparameters.precision: this GPU has no bf16; use fp16 or fp32")
+    if hp.quantization != "none":
+        if device.type != "cuda":
+            raise ModelLoadError(f"hyperparameters.quantization: {hp.quantization} needs a CUDA GPU (bitsandbytes); "
+                                 "set quantization: none to train on the CPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError(f"hyperparameters.quantization: {hp.quantization} needs bitsandbytes; "
+                                 "install it with `pip install 'usf-bios[gpu]'`")
+        if precision == "fp32":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Placement(device, precision)
+
+
+def _needs_remote_code(config: dict) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
+def load_tokenizer(model: ResolvedModel, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=trust_remote_code, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement) -> Any:
+    """The frozen base model on its device, validated first."""
+    from transformers import AutoModelForCausalLM
+
+    config = check_model_folder(model.path)
+    if _needs_remote_code(config) and not spec.trust_remote_code:
+        raise ModelLoadError(f"{model.name} ships its own model code ({config.get('model_type')}); set "
+                             "trust_remote_code: true in the spec if you trust it")
+    safetensors, _ = weight_files(model.path)
+    hp = spec.hyperparameters
+    kwargs: dict[str, Any] = dict(dtype=placement.dtype, trust_remote_code=spec.trust_remote_code,
+                                  local_files_only=True, attn_implementation="sdpa",
+                                  use_safetensors=bool(safetensors))
+    if hp.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(hp.quantization, placement.dtype)
+        kwargs["device_map"] = {"": placement.device.index or 0}
+    base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
+    if hp.quantization == "none":
+        base.to(placement.device)
+    base.config.use_cache = False
+    return base
+
+
+def apply_lora(base: Any, spec: JobSpec) -> Any:
+    """Wrap the base model with trainable LoRA adapters; everything else stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    hp = spec.hyperparameters
+    if hp.quantization != "none":
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hp.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                        target_modules=hp.target_modules, task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(base, config)
+    except ValueError as err:
+        raise ModelLoadError(f"hyperparameters.target_modules: {err}") from None
+
+
+def free_gpu_memory() -> None:
+    """Collect dropped objects and give cached GPU memory back (call after deleting the model)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,206 @@
+"""Run one job: setup → train → save → cleanup.
+
+``python -m usf_bios.engine.run JOB_ID`` runs the job whose locked spec is
+``data/output/JOB_ID/job.yaml``, continuing from its newest complete checkpoint if it has one.
+Exit status: 0 completed, 1 failed, 3 cancelled (SIGTERM or Ctrl-C: a checkpoint is saved first).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from usf_bios.datasets.formats import LoadedDataset, load_dataset
+from usf_bios.datasets.locate import locate_dataset
+from usf_bios.engine import checkpoint as ckpt
+from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
+from usf_bios.engine.events import EventLog
+from usf_bios.engine.loop import TrainingRun, train
+from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
+from usf_bios.engine.output import write_outputs
+from usf_bios.models.sources import resolve_model
+from usf_bios.settings import get_settings
+from usf_bios.spec import JobSpec, load_spec
+from usf_bios.storage import StorageLayout
+
+EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
+
+
+class ResumeRefused(ValueError):
+    """The job cannot continue as asked (changed dataset or spec, unknown job, already done)."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    status: str            # completed | failed | cancelled
+    output_dir: Path
+    error: str | None = None
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def create_job(spec: JobSpec, layout: StorageLayout, job_id: str | None = None) -> str:
+    """Give the job an id and lock its spec into ``data/output/{job_id}/job.yaml``."""
+    layout.ensure()
+    job_id = job_id or new_job_id(spec.name)
+    folder = layout.job_output(job_id)
+    folder.mkdir(parents=True, exist_ok=False)
+    (folder / "job.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+    return job_id
+
+
+def locked_spec(job_id: str, layout: StorageLayout) -> JobSpec:
+    path = layout.job_spec(job_id)
+    if not path.is_file():
+        raise ResumeRefused(f"no job {job_id!r}: {path} does not exist")
+    return load_spec(path)
+
+
+class _StopFlag:
+    """Set by SIGTERM (or a first Ctrl-C): the loop saves a checkpoint and ends the job as cancelled."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+
+def _tokenize(dataset: LoadedDataset, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
+    hp = spec.hyperparameters
+    encoded, truncated, empty = [], 0, 0
+    for example in dataset.examples:
+        try:
+            item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
+        except TokenizationError as err:
+            raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
+        truncated += item.truncated
+        if item.trained_tokens == 0:
+            empty += 1
+            continue
+        encoded.append(item)
+    if truncated:
+        events.log(f"{truncated} of {len(dataset.examples)} examples were truncated to max_seq_length {hp.max_seq_length}")
+    if empty:
+        events.log(f"{empty} examples had no trained tokens left after truncation and were dropped")
+    if not encoded:
+        raise TokenizationError("no example has a trained token left; raise max_seq_length")
+    return TrainingData(encoded, batch_size=hp.batch_size, max_seq_length=hp.max_seq_length, packing=hp.packing,
+                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+
+
+def _total_steps(spec: JobSpec, data: TrainingData) -> int:
+    hp = spec.hyperparameters
+    if hp.max_steps:
+        return hp.max_steps
+    per_epoch = -(-data.micro_batches_per_epoch // hp.gradient_accumulation_steps)
+    return per_epoch * hp.num_epochs
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int) -> object:
+    from transformers import get_scheduler
+
+    hp = spec.hyperparameters
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[hp.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=round(hp.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, echo: bool = False) -> JobResult:
+    """Run (or continue) a job to its end and return how it ended; never raises for a job failure."""
+    spec = locked_spec(job_id, layout)
+    hp, output_dir = spec.hyperparameters, layout.job_output(job_id)
+    checkpoint_dir = layout.job_checkpoints(job_id)
+    events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
+    stop = _StopFlag()
+    stop.install()
+    model = optimizer = None
+    try:
+        settings = get_settings()
+        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+        ckpt.clean_partial(checkpoint_dir)
+        events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
+        torch.manual_seed(hp.seed)
+        events.stage("loading_model")
+        placement = choose_placement(spec)
+        resolved = resolve_model(spec.base_model, layout, settings.supported_model_sources)
+        events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
+        tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
+        model = apply_lora(load_base_model(resolved, spec, placement), spec)
+        events.stage("tokenizing")
+        dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
+        data = _tokenize(dataset, tokenizer, spec, events)
+        total_steps = _total_steps(spec, data)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        scheduler = _scheduler(optimizer, spec, total_steps)
+        state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint())
+        if resume_from is not None:
+            saved = ckpt.read_state(resume_from)
+            if saved.data_sha256 != dataset.sha256:
+                raise ResumeRefused(f"the dataset changed since {resume_from.name} was saved "
+                                    f"(sha256 {saved.data_sha256[:12]}… → {dataset.sha256[:12]}…); start a new job")
+            if saved.spec_fingerprint != state.spec_fingerprint:
+                raise ResumeRefused(f"the job's spec changed since {resume_from.name} was saved; start a new job")
+            state = ckpt.restore_checkpoint(resume_from, model, optimizer, scheduler)
+            events.log(f"resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro_batch})")
+        events.log(f"{len(data.train_examples)} training / {len(data.val_examples)} validation examples, "
+                   f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
+        events.stage("training")
+        run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
+                          should_stop=lambda: stop.requested, show_progress=show_progress)
+        status = train(run)
+        if status == "cancelled":
+            events.done("cancelled")
+            return JobResult(job_id, "cancelled", output_dir)
+        events.stage("saving")
+        facts = {"dataset_format": dataset.format, "dataset_sha256": dataset.sha256,
+                 "train_examples": len(data.train_examples), "validation_examples": len(data.val_examples),
+                 "total_steps": total_steps, "device": str(placement.device), "precision": placement.precision,
+                 "model_source": resolved.source}
+        write_outputs(output_dir, model, tokenizer, spec, resolved.path, events.events_path, facts)
+        events.done("completed")
+        return JobResult(job_id, "completed", output_dir)
+    except Exception as err:  # the job fails; the process does not crash without a word
+        message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
+        events.log(traceback.format_exc())
+        events.done("failed", error=message)
+        return JobResult(job_id, "failed", output_dir, message)
+    finally:
+        del model, optimizer
+        free_gpu_memory()
+        events.close()
+        stop.uninstall()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m usf_bios.engine.run JOB_ID", file=sys.stderr)
+        return 2
+    layout = StorageLayout.from_settings(get_settings())
+    result = run_job(args[0], layout, echo=True)
+    return EXIT_CODES[result.status]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The job spec: the one contract read by the CLI (YAML), REST and the GPU worker (JSON).
+
+Unknown keys and out-of-range values are refused with the field's path, for example
+``hyperparameters.lora_r: must be ≥ 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Quantization = Literal["none", "4bit", "8bit"]
+Scheduler = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DatasetFormatName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Hyperparameters(_Strict):
+    num_epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps to run; wins over num_epochs.")
+    learning_rate: float = Field(2.0e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Rows per micro-batch.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(2048, ge=8, le=1_048_576, description="Tokens per example (and per packed row); longer ones are truncated.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, le=16384, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names, such as [q_proj, v_proj]."
+    )
+    quantization: Quantization = Field("none", description="Load the base model in 4-bit (QLoRA, nf4) or 8-bit; CUDA only.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay on the LoRA weights.")
+    packing: bool = Field(True, description="Pack several examples into one row; they never attend to each other.")
+    train_on_inputs: bool = Field(False, description="Also train on system and user tokens, not only assistant tokens.")
+    val_split: float = Field(0.05, ge=0, le=0.5, description="Fraction of examples held out for validation.")
+    eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N optimizer steps.")
+    save_steps: int = Field(100, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    precision: Precision = Field("auto", description="auto = bf16 where the GPU supports it, else fp32.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, validation split, LoRA init and dropout.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one module, or be 'all-linear'")
+            if any(not isinstance(m, str) or not m.strip() for m in value):
+                raise ValueError("module names must be non-empty strings")
+        return value
+
+
+class GpuConfig(_Strict):
+    num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
+    gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
+
+
+class JobSpec(_Strict):
+    name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Job name: letters, digits, '.', '_' and '-'.")
+    base_model: str = Field(..., min_length=1, description="Registry name ({org}--{model}), org/name in a cache, or a folder path.")
+    dataset: str = Field(..., min_length=1, description="Registered dataset id/name or a file path.")
+    dataset_format: DatasetFormatName = Field("auto", description="Row format; auto detects it from the first row.")
+    trust_remote_code: bool = Field(False, description="Run the model's own Python code (only for models that need it).")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    gpu_config: GpuConfig = Field(default_factory=GpuConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides what is learned (the name is left out)."""
+        data = self.model_dump(mode="json", exclude={"name"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class SpecError(ValueError):
+    """A job spec that does not validate; ``problems`` holds one 'field.path: reason' per fault."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid job spec{f' in {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _reason(error: dict[str, Any]) -> str:
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"must be ≤ {ctx['le']}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "string_pattern_mismatch":
+        return "may hold only letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """Render pydantic's errors as 'hyperparameters.lora_r: must be ≥ 1'."""
+    problems: list[str] = []
+    for error in err.errors():
+        # a union ('all-linear' | list) adds the branch name to the location; drop it
+        loc = [str(p) for p in error["loc"] if not str(p).startswith(("literal[", "list["))]
+        path = ".".join(loc) or "spec"
+        line = f"{path}: {_reason(error)}"
+        if line not in problems:
+            problems.append(line)
+    return problems
+
+
+def parse_spec(data: object, source: str | None = None) -> JobSpec:
+    """Validate a mapping (from YAML, JSON or a request body) into a JobSpec."""
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: expected a mapping of fields, got {type(data).__name__}"], source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err), source) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec from a YAML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(["file not found"], str(path)) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError([f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"], str(path)) from None
+    return parse_spec(data, str(path))
+
+
+def diff_specs(old: JobSpec, new: JobSpec) -> list[str]:
+    """Fields that differ, as 'hyperparameters.learning_rate: 0.0002 → 0.001' (the name is left out)."""
+    changes: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            changes.append(f"{prefix}: {a!r} → {b!r}")
+
+    walk(old.model_dump(mode="json", exclude={"name"}), new.model_dump(mode="json", exclude={"name"}), "")
+    return changes
