@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from usf_bios.models.validate import check_model_folder, weight_files
+from usf_bios.models.validate import weight_files
 from usf_bios.models.sources import ResolvedModel
 from usf_bios.spec import JobSpec
 
@@ -88,11 +88,10 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement) -> Any:
-    """The frozen base model on its device, validated first."""
+def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, config: dict) -> Any:
+    """The frozen base model on its device; ``config`` is what ``check_model_folder`` returned."""
     from transformers import AutoModelForCausalLM
 
-    config = check_model_folder(model.path)
     if _needs_remote_code(config) and not spec.trust_remote_code:
         raise ModelLoadError(f"{model.name} ships its own model code ({config.get('model_type')}); set "
                              "trust_remote_code: true in the spec if you trust it")
@@ -120,7 +119,10 @@ def apply_lora(base: Any, spec: JobSpec) -> Any:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hp.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # the name in newer transformers 5 releases
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
                         target_modules=hp.target_modules, task_type="CAUSAL_LM", bias="none")
     try:

@@ -27,6 +27,7 @@ from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
+from usf_bios.models.validate import check_model_folder
 from usf_bios.settings import get_settings
 from usf_bios.spec import JobSpec, load_spec
 from usf_bios.storage import StorageLayout
@@ -144,8 +145,9 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
         placement = choose_placement(spec)
         resolved = resolve_model(spec.base_model, layout, settings.supported_model_sources)
         events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
+        config = check_model_folder(resolved.path)
         tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
-        model = apply_lora(load_base_model(resolved, spec, placement), spec)
+        model = apply_lora(load_base_model(resolved, spec, placement, config), spec)
         events.stage("tokenizing")
         dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
         data = _tokenize(dataset, tokenizer, spec, events)
