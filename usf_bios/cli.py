@@ -70,7 +70,7 @@ def train(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 24,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 16,
 ) -> None:
     """Import SmolLM2-135M-Instruct offline, teach it a made-up fact on the CPU, and compare answers."""
     from usf_bios import demo as demo_mod

@@ -50,7 +50,7 @@ def ensure_smollm2(layout: StorageLayout) -> Path:
     return folder
 
 
-def demo_spec(dataset: Path, num_gpus: int = 0, max_steps: int = 24) -> JobSpec:
+def demo_spec(dataset: Path, num_gpus: int = 0, max_steps: int = 16) -> JobSpec:
     return parse_spec({
         "name": "demo-velmora",
         "base_model": SMOLLM2_NAME,
