@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from usf_bios.settings import get_settings
@@ -27,7 +28,7 @@ def _layout() -> StorageLayout:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -64,7 +65,7 @@ def train(
     elif result.status == "cancelled":
         console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False)
     else:
-        err_console.print(f"[bold red]failed[/] job {job_id}: {result.error}", highlight=False)
+        err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_CODES[result.status])
 
 
@@ -132,7 +133,7 @@ def list_models() -> None:
             config = check_model_folder(folder)
             table.add_row(folder.name, str(config.get("model_type")), "[green]ok[/]")
         except ModelFolderError as err:
-            table.add_row(folder.name, "?", "[red]" + "; ".join(err.problems) + "[/]")
+            table.add_row(folder.name, "?", "[red]" + escape("; ".join(err.problems)) + "[/]")
     console.print(table)
 
 

@@ -165,6 +165,7 @@ class TrainingData:
         shuffled = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
         n_val = math.floor(len(shuffled) * val_split) if len(shuffled) > 1 else 0
         self.val_examples, self.train_examples = shuffled[:n_val], shuffled[n_val:]
+        self._order: tuple[int, list[int]] = (-1, [])
         self.train_rows = self._rows(self.train_examples, packing, max_seq_length)
         self.val_rows = self._rows(self.val_examples, packing, max_seq_length)
 
@@ -180,8 +181,10 @@ class TrainingData:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Row order of an epoch: a permutation seeded by (seed, epoch), the same in every process."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_rows), generator=generator).tolist()
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_rows), generator=generator).tolist())
+        return self._order[1]
 
     def micro_batch(self, order: list[int], index: int) -> Batch:
         picked = order[index * self.batch_size:(index + 1) * self.batch_size]

@@ -127,14 +127,23 @@ def _scheduler(optimizer: torch.optim.Optimizer, spec: JobSpec, total_steps: int
 
 
 def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, echo: bool = False) -> JobResult:
-    """Run (or continue) a job to its end and return how it ended; never raises for a job failure."""
+    """Run (or continue) a job to its end and return how it ended; never raises for a job failure.
+
+    The model and optimizer live only inside ``_run``, so GPU memory is free once this returns.
+    """
+    try:
+        return _run(job_id, layout, show_progress=show_progress, echo=echo)
+    finally:
+        free_gpu_memory()
+
+
+def _run(job_id: str, layout: StorageLayout, *, show_progress: bool, echo: bool) -> JobResult:
     spec = locked_spec(job_id, layout)
     hp, output_dir = spec.hyperparameters, layout.job_output(job_id)
     checkpoint_dir = layout.job_checkpoints(job_id)
     events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
     stop = _StopFlag()
     stop.install()
-    model = optimizer = None
     try:
         settings = get_settings()
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
@@ -188,8 +197,6 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
         events.done("failed", error=message)
         return JobResult(job_id, "failed", output_dir, message)
     finally:
-        del model, optimizer
-        free_gpu_memory()
         events.close()
         stop.uninstall()
 
@@ -200,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m usf_bios.engine.run JOB_ID", file=sys.stderr)
         return 2
     layout = StorageLayout.from_settings(get_settings())
-    result = run_job(args[0], layout, echo=True)
+    try:
+        result = run_job(args[0], layout, echo=True)
+    except ResumeRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return EXIT_CODES[result.status]
 
 
