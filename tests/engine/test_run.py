@@ -111,3 +111,15 @@ def test_model_folder_missing_pieces_are_named(layout, tiny_model, tmp_path):
     result = run_job(job_id, layout)
     assert result.status == "failed"
     assert "no weights" in result.error and "no tokenizer files" in result.error
+
+
+def test_pytorch_bin_weights_load_through_weights_only(layout, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = layout.models / tiny_model
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    job_id = create_job(parse_spec(make_spec(tiny_model, data, max_steps=2, val_split=0.0)), layout)
+    result = run_job(job_id, layout)
+    assert result.status == "completed", result.error

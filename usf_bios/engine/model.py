@@ -99,7 +99,7 @@ def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, c
     hp = spec.hyperparameters
     kwargs: dict[str, Any] = dict(dtype=placement.dtype, trust_remote_code=spec.trust_remote_code,
                                   local_files_only=True, attn_implementation="sdpa",
-                                  use_safetensors=bool(safetensors))
+                                  use_safetensors=bool(safetensors), weights_only=True)
     if hp.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(hp.quantization, placement.dtype)
         kwargs["device_map"] = {"": placement.device.index or 0}
