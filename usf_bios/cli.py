@@ -19,6 +19,8 @@ models_app = typer.Typer(help="Base models: import and list.", no_args_is_help=T
 datasets_app = typer.Typer(help="Datasets: check a file before training.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
+keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -59,7 +61,11 @@ def train(
         raise _fail(str(err)) from None
     console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False)
     console.print(f"log {layout.job_log(job_id)}", highlight=False)
-    result = run_job(job_id, layout, show_progress=not quiet and console.is_terminal, echo=not quiet and not console.is_terminal)
+    try:
+        result = run_job(job_id, layout, show_progress=not quiet and console.is_terminal,
+                         echo=not quiet and not console.is_terminal)
+    except ResumeRefused as err:
+        raise _fail(str(err)) from None
     if result.status == "completed":
         console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False)
     elif result.status == "cancelled":
@@ -67,6 +73,44 @@ def train(
     else:
         err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_CODES[result.status])
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default USF_HOST, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default USF_PORT, 8000).")] = None,
+) -> None:
+    """Run the control plane: REST API under /api, OpenAPI at /docs. API keys are required off loopback."""
+    import uvicorn
+
+    from usf_bios.api.main import create_app, is_loopback
+
+    settings = get_settings()
+    host = host or settings.host
+    application = create_app(settings, host)
+    if application.state.auth_required:
+        why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
+        console.print(f"API keys required ({why}); create one with `usf-bios keys create --name NAME --admin`")
+    uvicorn.run(application, host=host, port=port or settings.port, log_level="info")
+
+
+@keys_app.command("create")
+def create_key_cmd(
+    name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],
+    admin: Annotated[bool, typer.Option("--admin", help="An admin key sees and manages everything.")] = False,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    from usf_bios.control.db import Database, migrate
+    from usf_bios.control.keys import create_key
+
+    url = get_settings().database_url or ""
+    migrate(url)
+    database = Database(url)
+    with database.session() as session:
+        row, plaintext = create_key(session, name, admin)
+    database.engine.dispose()
+    console.print(f"key {row.id} ({'admin' if admin else 'user'}) for {name}:")
+    print(plaintext)
 
 
 @app.command()

@@ -34,6 +34,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias="DATABASE_URL", description="SQLAlchemy URL of the job store.")
     host: str = Field("127.0.0.1", validation_alias="USF_HOST", description="Address the server binds to.")
     port: int = Field(8000, ge=1, le=65535, validation_alias="USF_PORT", description="Port the server binds to.")
+    require_auth: bool = Field(False, validation_alias="USF_REQUIRE_AUTH",
+                               description="Require an API key even on loopback (always required off loopback).")
+    max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
+    max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
+    max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
+                              description="Starts of a job whose process was lost, before it fails.")
+    cancel_grace_s: float = Field(30.0, ge=0, validation_alias="USF_CANCEL_GRACE_S",
+                                  description="Seconds between SIGTERM and SIGKILL when a job is cancelled.")
+    poll_interval_s: float = Field(0.5, gt=0, validation_alias="USF_POLL_INTERVAL_S",
+                                   description="How often the scheduler looks at queued and running jobs.")
+    allowed_model_roots: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (), validation_alias="USF_ALLOWED_MODEL_ROOTS",
+        description="Extra folders (comma-separated) where models may be registered from, besides USF_MODEL_PATH and HF_HOME.")
+    gpu_prices: dict[str, float] = Field(
+        {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},
+        validation_alias="USF_GPU_PRICES", description="Price per GPU-hour by gpu_type (JSON), for estimates.")
 
     @field_validator("supported_model_sources", mode="before")
     @classmethod
@@ -43,6 +59,13 @@ class Settings(BaseSettings):
         unknown = [v for v in value if v not in MODEL_SOURCES]  # type: ignore[union-attr]
         if unknown:
             raise ValueError(f"unknown model source(s) {unknown}; allowed: {', '.join(MODEL_SOURCES)}")
+        return value
+
+    @field_validator("allowed_model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(part.strip()).expanduser() for part in value.split(",") if part.strip())
         return value
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import chat_rows, write_jsonl
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.events import read_events, training_log
-from usf_bios.engine.run import create_job, run_job
+from usf_bios.engine.run import JobAlreadyRunning, create_job, run_job
 from usf_bios.spec import parse_spec
 from usf_bios.storage import StorageLayout
 
@@ -111,6 +111,8 @@ def test_sigterm_saves_a_checkpoint_and_ends_cancelled(layout, tiny_model, tmp_p
     proc = cli("train", str(spec_file), "--quiet")
     job_id = proc.stdout.readline().split()[1]
     wait_for_step(layout, job_id, 3, proc)
+    with pytest.raises(JobAlreadyRunning):  # one engine process per job
+        run_job(job_id, layout)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 3

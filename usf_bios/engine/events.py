@@ -44,9 +44,9 @@ class EventLog:
         if self._echo:
             print(line, flush=True)
 
-    def stage(self, stage: str) -> None:
+    def stage(self, stage: str, **extra: Any) -> None:
         assert stage in STAGES, stage
-        self.emit("stage", stage=stage)
+        self.emit("stage", stage=stage, **extra)
         self.log(f"stage: {stage}")
 
     def done(self, status: str, error: str | None = None) -> None:

@@ -148,7 +148,7 @@ def train(run: TrainingRun) -> str:
                 if validation_loss is not None:
                     events.emit("eval", step=state.step, validation_loss=validation_loss)
                     events.log(f"step {state.step} validation_loss {validation_loss:.4f}")
-                events.stage("training")
+                events.stage("training", total_steps=state.total_steps)
             if state.step % hp.save_steps == 0 and state.step < state.total_steps:
                 path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
                 events.emit("checkpoint", step=state.step, path=str(path))

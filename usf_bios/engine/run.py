@@ -7,12 +7,15 @@ Exit status: 0 completed, 1 failed, 3 cancelled (SIGTERM or Ctrl-C: a checkpoint
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,24 @@ EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
 
 class ResumeRefused(ValueError):
     """The job cannot continue as asked (changed dataset or spec, unknown job, already done)."""
+
+
+class JobAlreadyRunning(ResumeRefused):
+    """Another engine process holds the job's lock."""
+
+
+@contextmanager
+def job_lock(folder: Path) -> Iterator[None]:
+    """One engine process per job: an exclusive lock on ``{output}/.lock`` for the whole run."""
+    with (folder / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobAlreadyRunning(f"job {folder.name} is already running in another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -131,14 +152,15 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
 
     The model and optimizer live only inside ``_run``, so GPU memory is free once this returns.
     """
-    try:
-        return _run(job_id, layout, show_progress=show_progress, echo=echo)
-    finally:
-        free_gpu_memory()
-
-
-def _run(job_id: str, layout: StorageLayout, *, show_progress: bool, echo: bool) -> JobResult:
     spec = locked_spec(job_id, layout)
+    with job_lock(layout.job_output(job_id)):
+        try:
+            return _run(job_id, spec, layout, show_progress=show_progress, echo=echo)
+        finally:
+            free_gpu_memory()
+
+
+def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bool, echo: bool) -> JobResult:
     hp, output_dir = spec.hyperparameters, layout.job_output(job_id)
     checkpoint_dir = layout.job_checkpoints(job_id)
     events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
@@ -176,7 +198,7 @@ def _run(job_id: str, layout: StorageLayout, *, show_progress: bool, echo: bool)
             events.log(f"resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro_batch})")
         events.log(f"{len(data.train_examples)} training / {len(data.val_examples)} validation examples, "
                    f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
-        events.stage("training")
+        events.stage("training", total_steps=total_steps)
         run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
                           should_stop=lambda: stop.requested, show_progress=show_progress)
         status = train(run)
@@ -208,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     layout = StorageLayout.from_settings(get_settings())
     try:
-        result = run_job(args[0], layout, echo=True)
+        result = run_job(args[0], layout)
     except ResumeRefused as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,114 @@
+"""Job status: the enum, the one transition table, and the only functions that write ``Job.status``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from usf_bios.control.tables import Job
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    INTERRUPTED = "interrupted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+    @property
+    def is_active(self) -> bool:
+        """A process may exist for the job."""
+        return self in (JobStatus.PREPARING, JobStatus.RUNNING, JobStatus.CANCELLING)
+
+
+S = JobStatus
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    S.QUEUED: frozenset({S.PREPARING, S.CANCELLED}),
+    S.PREPARING: frozenset({S.RUNNING, S.FAILED, S.CANCELLING, S.INTERRUPTED}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING, S.INTERRUPTED}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.COMPLETED, S.FAILED}),
+    S.INTERRUPTED: frozenset({S.QUEUED, S.FAILED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset({S.QUEUED}),      # resume
+    S.CANCELLED: frozenset({S.QUEUED}),   # resume
+}
+
+
+class InvalidTransition(ValueError):
+    def __init__(self, job_id: str, current: JobStatus, target: JobStatus):
+        allowed = ", ".join(sorted(s.value for s in ALLOWED[current])) or "nothing (it is final)"
+        super().__init__(f"job {job_id} is {current.value}; it cannot become {target.value} (from {current.value}: {allowed})")
+        self.current, self.target = current, target
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _move(job: "Job", target: JobStatus) -> None:
+    current = JobStatus(job.status)
+    if target not in ALLOWED[current]:
+        raise InvalidTransition(job.id, current, target)
+    job.status = target.value
+
+
+def mark_preparing(job: "Job") -> None:
+    _move(job, S.PREPARING)
+    job.attempts += 1
+    job.error = None
+
+
+def mark_running(job: "Job", pid: int, pid_start_time: str, gpu_ids: str) -> None:
+    _move(job, S.RUNNING)
+    job.pid, job.pid_start_time, job.gpu_ids = pid, pid_start_time, gpu_ids
+    job.started_at = job.started_at or _now()
+
+
+def mark_cancelling(job: "Job") -> None:
+    _move(job, S.CANCELLING)
+    job.cancel_requested_at = _now()
+
+
+def _finish(job: "Job", target: JobStatus, error: str | None = None) -> None:
+    _move(job, target)
+    job.error = error
+    job.finished_at = _now()
+    job.pid = None
+    job.pid_start_time = None
+
+
+def mark_completed(job: "Job") -> None:
+    _finish(job, S.COMPLETED)
+
+
+def mark_failed(job: "Job", reason: str) -> None:
+    _finish(job, S.FAILED, reason)
+
+
+def mark_cancelled(job: "Job") -> None:
+    _finish(job, S.CANCELLED)
+
+
+def mark_interrupted(job: "Job", reason: str) -> None:
+    _move(job, S.INTERRUPTED)
+    job.error = reason
+    job.pid = None
+    job.pid_start_time = None
+
+
+def requeue(job: "Job", reset_attempts: bool = False) -> None:
+    """Back to the queue: after an interruption, or a resume asked for by a user (which resets attempts)."""
+    _move(job, S.QUEUED)
+    if reset_attempts:
+        job.attempts = 0
+    job.finished_at = None
+    job.cancel_requested_at = None
