@@ -20,11 +20,15 @@ class TokenStats:
     max_seq_length: int
 
 
-def token_stats(examples: list[Example], tokenizer: Any, max_seq_length: int) -> TokenStats:
-    """Lengths as the engine tokenizes them (chat template included), before truncation."""
+def token_lengths(examples: list[Example], tokenizer: Any) -> list[int]:
+    """Each example's length as the engine tokenizes it (chat template included), before truncation."""
     from usf_bios.engine.data import encode_example
 
-    lengths = sorted(len(encode_example(ex, tokenizer, 1 << 30, train_on_inputs=True).input_ids) for ex in examples)
+    return [len(encode_example(ex, tokenizer, 1 << 30, train_on_inputs=True).input_ids) for ex in examples]
+
+
+def token_stats(examples: list[Example], tokenizer: Any, max_seq_length: int) -> TokenStats:
+    lengths = sorted(token_lengths(examples, tokenizer))
     if not lengths:
         raise ValueError("no examples")
     p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]

@@ -1,0 +1,168 @@
+"""Jobs through the REST API on a real server: submit, follow, cancel, resume, isolate, refuse bad input."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
+from tests.conftest import chat_rows, write_jsonl
+
+
+@pytest.fixture
+def ready(server, tiny_model_template, tmp_path):
+    """A server with a registered tiny model and an uploaded chat dataset."""
+    client = server.client()
+    register_model(client, "tiny", tiny_model_in(server.home, tiny_model_template))
+    upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(40)), name="chat")
+    yield server, client
+    client.close()
+
+
+def sse_events(server, job_id: str, headers: dict | None = None, timeout: float = 300) -> list[tuple[str | None, str, dict]]:
+    """Read the SSE stream to its end: (id, event, data) triples."""
+    out, current = [], {}
+    with httpx.stream("GET", f"{server.url}/api/jobs/{job_id}/events", headers=headers or {}, timeout=timeout) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line:
+                if "data" in current:
+                    out.append((current.get("id"), current.get("event", "message"), json.loads(current["data"])))
+                current = {}
+            elif not line.startswith(":") and ":" in line:
+                key, _, value = line.partition(":")
+                current[key] = value.strip()
+    return out
+
+
+def test_job_runs_to_completion_and_everything_about_it_is_readable(ready):
+    server, client = ready
+    job = submit(client, job_spec("tiny", "chat", max_steps=10))
+    assert job["status"] == "queued" and job["attempts"] == 0 and job["spec"]["base_model"] == "tiny"
+    stream = sse_events(server, job["id"])
+    metric_steps = [data["step"] for _, kind, data in stream if kind == "metric"]
+    assert metric_steps == list(range(1, 11))
+    ids = [int(i) for i, _, _ in stream if i is not None]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    statuses = [data["status"] for _, kind, data in stream if kind == "status"]
+    assert statuses[-1] == "completed" and "running" in statuses
+    assert [data["status"] for _, kind, data in stream if kind == "done"] == ["completed"]
+
+    done = client.get(f"/jobs/{job['id']}").json()
+    assert done["status"] == "completed" and done["progress"] == 1.0 and done["total_steps"] == 10
+    assert done["current_step"] == 10 and done["finished_at"] and done["started_at"]
+    assert done["artifact"] == {"name": "api-job", "version": 1} and done["metrics"]["loss"] is not None
+    points = client.get(f"/jobs/{job['id']}/metrics").json()
+    assert [p["step"] for p in points] == list(range(1, 11))
+    assert points[4]["validation_loss"] is not None and points[0]["tokens_per_second"] > 0
+    assert "step 10/10" in client.get(f"/jobs/{job['id']}/logs", params={"tail": 5}).text
+    assert [c["step"] for c in client.get(f"/jobs/{job['id']}/checkpoints").json()] == [5]
+
+    # reconnecting after event id N replays only what came after N
+    last_seen = ids[3]
+    again = sse_events(server, job["id"], headers={"Last-Event-ID": str(last_seen)})
+    assert [int(i) for i, _, _ in again if i is not None] == [i for i in ids if i > last_seen]
+
+    second = submit(client, job_spec("tiny", "chat", max_steps=2))
+    assert wait_for(client, second["id"], final)["artifact"] == {"name": "api-job", "version": 2}
+    listed = client.get("/jobs", params={"status": "completed", "limit": 1}).json()
+    assert listed["total"] == 2 and len(listed["items"]) == 1 and listed["items"][0]["id"] == second["id"]
+
+
+def test_cancel_keeps_the_checkpoint_and_resume_finishes_with_one_point_per_step(ready):
+    server, client = ready
+    job = submit(client, job_spec("tiny", "chat", max_steps=400, save_steps=1000, eval_steps=1000))
+    wait_for(client, job["id"], lambda j: j["current_step"] >= 3)
+    cancelled = client.post(f"/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
+    stopped = wait_for(client, job["id"], final)
+    assert stopped["status"] == "cancelled"
+    kept = client.get(f"/jobs/{job['id']}/checkpoints").json()
+    assert len(kept) == 1 and kept[0]["step"] >= 3
+    assert client.post(f"/jobs/{job['id']}/cancel").status_code == 409
+
+    resumed = client.post(f"/jobs/{job['id']}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    finished = wait_for(client, job["id"], final)
+    assert finished["status"] == "completed", finished["error"]
+    points = client.get(f"/jobs/{job['id']}/metrics").json()
+    assert [p["step"] for p in points] == list(range(1, 401))
+    log = json.loads((server.home / "data" / "output" / job["id"] / "training_log.json").read_text())
+    assert [p["step"] for p in log] == list(range(1, 401))
+    assert client.post(f"/jobs/{job['id']}/resume").status_code == 409  # completed is final
+
+
+def test_cancel_of_a_queued_job_is_immediate(ready, make_server):
+    server, client = ready
+    spec = job_spec("tiny", "chat", max_steps=100_000, save_steps=100_000, eval_steps=100_000)
+    first, second = submit(client, spec), submit(client, spec)  # USF_MAX_CPU_JOBS=1: the second waits
+    wait_for(client, first["id"], lambda j: j["status"] == "running")
+    assert client.get(f"/jobs/{second['id']}").json()["status"] == "queued"
+    assert client.post(f"/jobs/{second['id']}/cancel").json()["status"] == "cancelled"
+    client.post(f"/jobs/{first['id']}/cancel")
+    assert wait_for(client, first["id"], final)["status"] == "cancelled"
+
+
+def test_bad_specs_get_422_naming_the_field(ready):
+    _, client = ready
+    bad = client.post("/jobs", json=job_spec("tiny", "chat", lora_r=0))
+    assert bad.status_code == 422 and "hyperparameters.lora_r: must be ≥ 1" in bad.json()["detail"]
+    unknown = client.post("/jobs", json={**job_spec("tiny", "chat"), "colour": "red"})
+    assert unknown.status_code == 422 and "colour: unknown field" in unknown.json()["detail"]
+    wrong_type = client.post("/jobs", json=job_spec("tiny", "chat", batch_size="four"))
+    assert wrong_type.status_code == 422 and "hyperparameters.batch_size" in wrong_type.json()["detail"]
+    malformed = client.post("/jobs", content=b'{"name": ', headers={"content-type": "application/json"})
+    assert malformed.status_code == 422 and "malformed JSON" in malformed.json()["detail"]
+    missing = client.post("/jobs", json=job_spec("nope", "chat"))
+    assert missing.status_code == 422 and missing.json()["detail"].startswith("base_model: no registered model 'nope'")
+    for dataset in ("../../etc/passwd", "/etc/passwd", "%2e%2e/x"):
+        refused = client.post("/jobs", json=job_spec("tiny", dataset))
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("dataset: no registered dataset")
+    assert client.get("/jobs").json()["total"] == 0
+
+
+def test_estimate_before_anything_runs(ready):
+    _, client = ready
+    cpu = client.post("/jobs/estimate", json=job_spec("tiny", "chat", max_steps=None, num_epochs=2)).json()
+    assert cpu["examples"] == 40 and cpu["steps"] > 0 and cpu["tokens_per_epoch"] > 0 and cpu["gpu_type"] == "cpu"
+    assert cpu["estimated_seconds"] > 0 and cpu["peak_vram_gb"] is None and cpu["cost"] == 0
+    gpu_spec = job_spec("tiny", "chat", quantization="4bit")
+    gpu_spec["gpu_config"] = {"num_gpus": 2, "gpu_type": "H100"}
+    gpu = client.post("/jobs/estimate", json=gpu_spec).json()
+    assert gpu["peak_vram_gb"] > 0 and gpu["cost"] > 0 and gpu["price_per_gpu_hour"] == 2.5
+    assert gpu["lora_parameters"] > 0 and gpu["parameters"] > gpu["lora_parameters"]
+    assert client.get("/jobs").json()["total"] == 0  # nothing was queued
+
+
+def test_keys_isolate_jobs_and_auth_is_required(make_server, tiny_model_template, tmp_path):
+    server = make_server(USF_REQUIRE_AUTH="1").start()
+    admin, alice, bob = server.create_key("admin", admin=True), server.create_key("alice"), server.create_key("bob")
+    with server.client() as anonymous:
+        assert anonymous.get("/jobs").status_code == 401
+        assert anonymous.get("/health").status_code == 200
+    with server.client(alice) as a, server.client(bob) as b, server.client(admin) as root:
+        register_model(a, "tiny", tiny_model_in(server.home, tiny_model_template))
+        upload_dataset(a, write_jsonl(tmp_path / "chat.jsonl", chat_rows(10)), name="chat")
+        job = submit(a, job_spec("tiny", "chat", max_steps=2))
+        # bob cannot see or touch alice's job, nor use her model and dataset
+        for method, path in [("GET", ""), ("POST", "/cancel"), ("POST", "/resume"), ("GET", "/metrics"),
+                             ("GET", "/logs"), ("GET", "/checkpoints"), ("GET", "/download"), ("GET", "/events")]:
+            assert b.request(method, f"/jobs/{job['id']}{path}").status_code == 404, path
+        assert b.get("/jobs").json()["total"] == 0
+        assert b.post("/jobs", json=job_spec("tiny", "chat")).status_code == 422
+        assert root.get(f"/jobs/{job['id']}").status_code == 200 and root.get("/jobs").json()["total"] == 1
+        assert wait_for(a, job["id"], final)["status"] == "completed"
+        assert b.post("/keys", json={"name": "x"}).status_code == 403
+        with httpx.Client() as raw:
+            assert raw.get(f"{server.url}/api/jobs", headers={"Authorization": "Bearer usf_wrong"}).status_code == 401
+
+
+@pytest.mark.parametrize("job_id", ["../x", "..%2Fx", "%2e%2e%2fx", "%252e%252e%252fx", "..%5cx", "%2Fetc%2Fpasswd",
+                                    "....//x", "x%00y"])
+def test_job_routes_refuse_traversal(server, job_id):
+    with httpx.Client(base_url=server.url) as raw:
+        for suffix in ("", "/metrics", "/logs", "/checkpoints", "/download", "/events"):
+            response = raw.get(f"/api/jobs/{job_id}{suffix}")
+            assert response.status_code == 404, (job_id, suffix, response.status_code)

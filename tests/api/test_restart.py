@@ -1,0 +1,64 @@
+"""Restart recovery: SIGKILL the server while two jobs run; one engine keeps running, one is lost too.
+The new server follows the first again and resumes the second from its checkpoint; both complete with
+one point per step, and no job or process is duplicated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
+from tests.conftest import chat_rows, write_jsonl
+
+STEPS = 400
+
+
+def engine_pids(job_id: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if b"usf_bios.engine.run" in cmd and job_id.encode() in cmd and state != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_server_sigkill_with_two_running_jobs(make_server, tmp_path):
+    first = make_server(USF_MAX_CPU_JOBS="2").start()
+    with first.client() as client:
+        register_model(client, "tiny", tiny_model_in(first.home, hidden=64, layers=4))
+        upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(60)), name="chat")
+        spec = job_spec("tiny", "chat", max_steps=STEPS, save_steps=25, eval_steps=100, lora_dropout=0.1)
+        kept, lost = submit(client, {**spec, "name": "kept"}), submit(client, {**spec, "name": "lost"})
+        for job in (kept, lost):
+            wait_for(client, job["id"], lambda j: j["current_step"] >= 30)
+
+    first.stop(signal.SIGKILL)
+    [lost_pid] = engine_pids(lost["id"])
+    os.killpg(lost_pid, signal.SIGKILL)  # this one's process dies with the server
+    assert len(engine_pids(kept["id"])) == 1
+
+    second = make_server(USF_MAX_CPU_JOBS="2")
+    second.port = first.port
+    second.start()
+    with second.client() as client:
+        for job in (kept, lost):
+            wait_for(client, job["id"], lambda j: j["status"] == "running" and j["current_step"] > 30, timeout=120)
+            assert len(engine_pids(job["id"])) == 1, "exactly one engine per job"
+        done = {job["id"]: wait_for(client, job["id"], final, timeout=600) for job in (kept, lost)}
+        assert [j["status"] for j in done.values()] == ["completed", "completed"], done
+        assert done[kept["id"]]["attempts"] == 1  # followed again, never restarted
+        assert done[lost["id"]]["attempts"] == 2  # resumed from its checkpoint
+        assert client.get("/jobs").json()["total"] == 2
+        for job_id in done:
+            log = json.loads((second.home / "data" / "output" / job_id / "training_log.json").read_text())
+            assert [p["step"] for p in log] == list(range(1, STEPS + 1))
+            points = client.get(f"/jobs/{job_id}/metrics").json()
+            assert [p["step"] for p in points] == list(range(1, STEPS + 1))
+            assert engine_pids(job_id) == []
