@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Profile the loop for LoRA and QLoRA (gradient checkpointing on) on the SmolLM2-shaped random model.
 # On the device, after the wheels are installed into /tmp/site:  bash scripts/gpu/profile.sh
+# NOT YET SEEN WORKING on the GPU: the first try (3+1+3 steps, Chrome trace on) ran past 150 s per job and
+# printed nothing. Now 2+1+2 steps, progress printed per step, trace only with TRACE=1, 240 s per job.
 set -u
 ROOT=$(pwd); OUTDIR=${OUT:-/tmp/gpu-out}; RES=/tmp/gpu-profile
 export USF_HOME=${USF_HOME:-/tmp/usfhome-gpu}
@@ -21,7 +23,9 @@ hyperparameters: {batch_size: 4, gradient_accumulation_steps: 4, max_seq_length:
                   packing: true, gradient_checkpointing: $gc, precision: bf16}
 gpu_config: {num_gpus: 1}
 YAML
-  timeout -k 10 ${RUN_TIMEOUT:-150} python3 scripts/gpu/profile_step.py "$RES/$run.yaml" "$RES" 2>&1 | grep -v 'Loading weights'
+  echo "== profiling $run"
+  timeout -k 10 ${RUN_TIMEOUT:-240} python3 scripts/gpu/profile_step.py "$RES/$run.yaml" "$RES" 2>&1 | grep --line-buffered -v 'Loading weights'
+  echo "exit ${PIPESTATUS[0]}"
 done
 find "$RES" -name "*.trace.json.gz" -size -15M -exec cp {} "$OUTDIR"/ \;; ls -la "$RES"
 cat "$RES"/*.profile.txt > "$OUTDIR/profile.txt" 2>/dev/null

@@ -2,13 +2,14 @@
 
 Usage: python3 scripts/gpu/profile_step.py SPEC.yaml OUT_DIR
 Builds the job's pieces the way engine.run does, then runs train() under torch.profiler:
-3 steps skipped, 1 warm-up, 3 recorded. Prints the top kernels/ops and the GPU-busy share of the
+2 steps skipped, 1 warm-up, 2 recorded. Prints the top kernels/ops and the GPU-busy share of the
 recorded steps' wall time, and writes a gzipped Chrome trace. Then times one micro-batch's
 forward+backward with packed position_ids (block-diagonal mask) against plain 0..L-1 positions
 (no mask, causal fast path), to see what packing's attention mask costs.
 """
 import gzip
 import inspect
+import os
 import json
 import shutil
 import statistics
@@ -31,7 +32,7 @@ from usf_bios.settings import get_settings
 from usf_bios.spec import load_spec
 from usf_bios.storage import StorageLayout
 
-WAIT, WARMUP, ACTIVE = 3, 1, 3
+WAIT, WARMUP, ACTIVE = 2, 1, 2
 
 
 def sync() -> None:
@@ -72,6 +73,8 @@ def main(spec_path: str, out_dir: str) -> None:
         def hook() -> bool:  # called by the loop at the start of every step
             sync()
             marks.append(time.perf_counter())
+            if len(marks) > 1:
+                print(f"step {len(marks) - 1}: {marks[-1] - marks[-2]:.3f} s", flush=True)
             prof.step()
             return False
 
@@ -81,6 +84,7 @@ def main(spec_path: str, out_dir: str) -> None:
         sync()
         marks.append(time.perf_counter())
     events.close()
+    print("profiling done; summarizing", flush=True)
     steps = [b - a for a, b in zip(marks, marks[1:])]
     active_wall = sum(steps[WAIT + WARMUP:])
     averages = prof.key_averages()
@@ -95,11 +99,13 @@ def main(spec_path: str, out_dir: str) -> None:
               f"({n_kernels / ACTIVE:.0f} per step)",
               prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70),
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)]
-    trace = out / f"{spec.name}.trace.json"
-    prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    trace.unlink()
+    print("\n".join(report), flush=True)
+    if os.environ.get("TRACE") == "1":  # large and slow to write; off by default
+        trace = out / f"{spec.name}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
 
     # packed (block-diagonal mask) vs plain positions (causal fast path), one full micro-batch
     order = data.epoch_order(0)
@@ -123,7 +129,7 @@ def main(spec_path: str, out_dir: str) -> None:
     report.append(f"one micro-batch {tuple(batch.input_ids.shape)} fwd+bwd, median of 4: "
                   + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timing.items()))
     text = "\n".join(report)
-    print(text)
+    print(report[-1], flush=True)
     (out / f"{spec.name}.profile.txt").write_text(text)
 
 

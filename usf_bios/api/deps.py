@@ -35,6 +35,18 @@ class Caller:
         return query if self.is_admin else query.where(owner_column == self.key_id)
 
 
+def find_owned(session: Session, caller: Caller, table: Any, ref: str) -> Any:
+    """A row of ``table`` (with id, name, owner_key_id, created_at) by id, else by name, among what the
+    caller may see; an admin matching several keys' rows by name gets their own first, else the newest."""
+    row = session.get(table, ref)
+    if row is not None and caller.can_see(row.owner_key_id):
+        return row
+    query = caller.scope(select(table).where(table.name == ref), table.owner_key_id)
+    rows = list(session.scalars(query.order_by(table.created_at.desc())))
+    own = [r for r in rows if r.owner_key_id == caller.owner]
+    return (own or rows or [None])[0]
+
+
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.db.sessions() as session:
         yield session

@@ -108,9 +108,9 @@ def estimate_job(spec: JobSpec, token_lengths: list[int], model_folder: Path, pa
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
     return Estimate(
         examples=len(token_lengths), tokens_per_epoch=tokens_per_epoch, rows_per_epoch=rows, steps=steps,
-        trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 1),
+        trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,
-        cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 4), price_per_gpu_hour=price, gpu_type=gpu_type,
+        cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 6), price_per_gpu_hour=price, gpu_type=gpu_type,
         assumptions=(f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token; "
                      + ("CPU at 65 GFLOP/s effective" if gpus.num_gpus == 0
                         else f"{ASSUMED_MFU:.0%} of {_peak_tflops(gpus.gpu_type):.0f} TFLOP/s bf16 peak per GPU")),

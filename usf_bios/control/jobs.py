@@ -11,7 +11,7 @@ from usf_bios.api.deps import Caller
 from usf_bios.control import lifecycle
 from usf_bios.control.lifecycle import JobStatus
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry
-from usf_bios.engine.run import create_job
+from usf_bios.engine.jobdir import create_job
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
 from usf_bios.storage import StorageLayout

@@ -28,7 +28,11 @@ def token_lengths(examples: list[Example], tokenizer: Any) -> list[int]:
 
 
 def token_stats(examples: list[Example], tokenizer: Any, max_seq_length: int) -> TokenStats:
-    lengths = sorted(token_lengths(examples, tokenizer))
+    return stats_from_lengths(token_lengths(examples, tokenizer), max_seq_length)
+
+
+def stats_from_lengths(lengths: list[int], max_seq_length: int) -> TokenStats:
+    lengths = sorted(lengths)
     if not lengths:
         raise ValueError("no examples")
     p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]

@@ -13,10 +13,10 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file
+if TYPE_CHECKING:  # torch loads only where checkpoints are written or read, not where they are listed
+    import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -46,6 +46,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -53,6 +55,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -62,6 +66,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainerState, keep: int) -> Path:
     """Write ``folder/checkpoint-{step}`` atomically and prune to the newest ``keep``."""
+    import torch
+
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"checkpoint-{state.step}"
     tmp = folder / f".checkpoint-{state.step}.tmp"
@@ -106,7 +112,9 @@ def read_state(checkpoint: Path) -> TrainerState:
 
 def restore_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
     """Load adapter weights, optimizer, scheduler and RNG states; call after the model is built."""
+    import torch
     from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     device = next(p.device for p in model.parameters() if p.requires_grad)
     result = set_peft_model_state_dict(model, load_file(checkpoint / ADAPTER_WEIGHTS, device=str(device)))

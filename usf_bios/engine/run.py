@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,20 +24,17 @@ from usf_bios.datasets.locate import locate_dataset
 from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
+from usf_bios.engine.jobdir import ResumeRefused, create_job, locked_spec, new_job_id  # noqa: F401 (re-exported)
 from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
 from usf_bios.models.validate import check_model_folder
 from usf_bios.settings import get_settings
-from usf_bios.spec import JobSpec, load_spec
+from usf_bios.spec import JobSpec
 from usf_bios.storage import StorageLayout
 
 EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
-
-
-class ResumeRefused(ValueError):
-    """The job cannot continue as asked (changed dataset or spec, unknown job, already done)."""
 
 
 class JobAlreadyRunning(ResumeRefused):
@@ -66,27 +61,6 @@ class JobResult:
     status: str            # completed | failed | cancelled
     output_dir: Path
     error: str | None = None
-
-
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def create_job(spec: JobSpec, layout: StorageLayout, job_id: str | None = None) -> str:
-    """Give the job an id and lock its spec into ``data/output/{job_id}/job.yaml``."""
-    layout.ensure()
-    job_id = job_id or new_job_id(spec.name)
-    folder = layout.job_output(job_id)
-    folder.mkdir(parents=True, exist_ok=False)
-    (folder / "job.yaml").write_text(spec.to_yaml(), encoding="utf-8")
-    return job_id
-
-
-def locked_spec(job_id: str, layout: StorageLayout) -> JobSpec:
-    path = layout.job_spec(job_id)
-    if not path.is_file():
-        raise ResumeRefused(f"no job {job_id!r}: {path} does not exist")
-    return load_spec(path)
 
 
 class _StopFlag:

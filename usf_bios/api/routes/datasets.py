@@ -18,7 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep
+from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned
+from usf_bios.api.routes.models import find_model
 from usf_bios.api.uploads import ReceivedUpload, UploadRejected, receive_multipart, safe_filename
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry, new_id
 from usf_bios.datasets.formats import FORMATS, DatasetError, load_dataset, to_example
@@ -87,20 +88,9 @@ def dataset_public(row: DatasetEntry) -> dict[str, Any]:
             "size_bytes": row.size_bytes, "sha256": row.sha256, "created_at": row.created_at}
 
 
-def _by_ref(session: Session, caller: Caller, table: Any, ref: str) -> Any:
-    """A row of ``table`` by id, else by name, among what the caller may see (own rows first for admins)."""
-    row = session.get(table, ref)
-    if row is not None and caller.can_see(row.owner_key_id):
-        return row
-    query = caller.scope(select(table).where(table.name == ref), table.owner_key_id)
-    rows = list(session.scalars(query.order_by(table.created_at.desc())))
-    own = [r for r in rows if r.owner_key_id == caller.owner]
-    return (own or rows or [None])[0]
-
-
 def find_dataset(session: Session, caller: Caller, ref: str) -> DatasetEntry | None:
     """A registered dataset by id or name, scoped to the caller; None when the caller cannot see one."""
-    return _by_ref(session, caller, DatasetEntry, ref)
+    return find_owned(session, caller, DatasetEntry, ref)
 
 
 def _get_dataset(session: Session, caller: Caller, ref: str) -> DatasetEntry:
@@ -217,7 +207,7 @@ def _stats_model(session: Session, caller: Caller, ref: str | None) -> ModelEntr
     if ref is None:
         query = caller.scope(select(ModelEntry).where(ModelEntry.valid.is_(True)), ModelEntry.owner_key_id)
         return session.scalars(query.order_by(ModelEntry.created_at.desc()).limit(1)).first()
-    model = _by_ref(session, caller, ModelEntry, ref)
+    model = find_model(session, caller, ref)
     if model is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {ref!r}")
     return model
@@ -235,8 +225,7 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dic
 
 def compute_token_stats(entry: DatasetEntry, model: ModelEntry, max_seq_length: int) -> dict[str, Any]:
     """Token stats and a length histogram under the model's tokenizer, cached per (file, model, length)."""
-    from usf_bios.datasets.stats import token_stats
-    from usf_bios.engine.data import encode_example
+    from usf_bios.datasets.stats import stats_from_lengths, token_lengths
     from usf_bios.engine.model import load_tokenizer
     from usf_bios.models.sources import ResolvedModel
 
@@ -246,8 +235,8 @@ def compute_token_stats(entry: DatasetEntry, model: ModelEntry, max_seq_length: 
             return _STATS_CACHE[key]
     tokenizer = load_tokenizer(ResolvedModel(model.name, Path(model.path), model.source), trust_remote_code=False)
     examples = load_dataset(entry.path, entry.format).examples  # type: ignore[arg-type]
-    stats = token_stats(examples, tokenizer, max_seq_length)
-    lengths = [len(encode_example(ex, tokenizer, 1 << 30, train_on_inputs=True).input_ids) for ex in examples]
+    lengths = token_lengths(examples, tokenizer)
+    stats = stats_from_lengths(lengths, max_seq_length)
     result = {"token_stats": {k: getattr(stats, k) for k in TokenStatsPublic.model_fields},
               "length_histogram": length_histogram(lengths)}
     with _STATS_LOCK:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep
+from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned
 from usf_bios.control.tables import Job, ModelEntry
 from usf_bios.models.inspect import folder_size, parameter_count
 from usf_bios.models.sources import huggingface_snapshot, modelscope_folder
@@ -247,13 +247,8 @@ def scan_models(session: Session, caller: Caller, layout: StorageLayout, setting
 
 
 def find_model(session: Session, caller: Caller, ref: str) -> ModelEntry | None:
-    """The caller's model by id, else by name (an admin sees every key's; their own name wins); None if not theirs."""
-    row = session.get(ModelEntry, ref)
-    if row is not None and caller.can_see(row.owner_key_id):
-        return row
-    rows = session.scalars(caller.scope(select(ModelEntry).where(ModelEntry.name == ref), ModelEntry.owner_key_id)
-                           .order_by(ModelEntry.created_at)).all()
-    return next((r for r in rows if r.owner_key_id == caller.owner), rows[0] if rows else None)
+    """The caller's model by id, else by name; None when the caller cannot see one."""
+    return find_owned(session, caller, ModelEntry, ref)
 
 
 def _found(session: Session, caller: Caller, ref: str) -> ModelEntry:
