@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, write_jsonl
 
-STEPS = 400
+STEPS = 150
 
 
 def engine_pids(job_id: str) -> list[int]:
@@ -32,12 +32,12 @@ def engine_pids(job_id: str) -> list[int]:
 def test_server_sigkill_with_two_running_jobs(make_server, tmp_path):
     first = make_server(USF_MAX_CPU_JOBS="2").start()
     with first.client() as client:
-        register_model(client, "tiny", tiny_model_in(first.home, hidden=64, layers=4))
+        register_model(client, "tiny", tiny_model_in(first.home, hidden=48, layers=2))
         upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(60)), name="chat")
-        spec = job_spec("tiny", "chat", max_steps=STEPS, save_steps=25, eval_steps=100, lora_dropout=0.1)
+        spec = job_spec("tiny", "chat", max_steps=STEPS, save_steps=20, eval_steps=100, lora_dropout=0.1)
         kept, lost = submit(client, {**spec, "name": "kept"}), submit(client, {**spec, "name": "lost"})
         for job in (kept, lost):
-            wait_for(client, job["id"], lambda j: j["current_step"] >= 30)
+            wait_for(client, job["id"], lambda j: j["current_step"] >= 25)
 
     first.stop(signal.SIGKILL)
     [lost_pid] = engine_pids(lost["id"])
@@ -48,9 +48,12 @@ def test_server_sigkill_with_two_running_jobs(make_server, tmp_path):
     second.port = first.port
     second.start()
     with second.client() as client:
+        # the kept engine is followed again while it still runs; the lost one is started again, once
+        followed = client.get(f"/jobs/{kept['id']}").json()
+        assert followed["status"] == "running" and followed["attempts"] == 1, followed
+        wait_for(client, lost["id"], lambda j: j["attempts"] == 2 and j["status"] == "running", timeout=120)
         for job in (kept, lost):
-            wait_for(client, job["id"], lambda j: j["status"] == "running" and j["current_step"] > 30, timeout=120)
-            assert len(engine_pids(job["id"])) == 1, "exactly one engine per job"
+            assert len(engine_pids(job["id"])) <= 1, "at most one engine per job"
         done = {job["id"]: wait_for(client, job["id"], final, timeout=600) for job in (kept, lost)}
         assert [j["status"] for j in done.values()] == ["completed", "completed"], done
         assert done[kept["id"]]["attempts"] == 1  # followed again, never restarted
