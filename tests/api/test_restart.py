@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
@@ -64,4 +65,7 @@ def test_server_sigkill_with_two_running_jobs(make_server, tmp_path):
             assert [p["step"] for p in log] == list(range(1, STEPS + 1))
             points = client.get(f"/jobs/{job_id}/metrics").json()
             assert [p["step"] for p in points] == list(range(1, STEPS + 1))
+            deadline = time.monotonic() + 30  # the engine exits right after its 'done' event
+            while engine_pids(job_id) and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert engine_pids(job_id) == []
