@@ -6,6 +6,8 @@ import json
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, write_jsonl
@@ -66,6 +68,12 @@ def test_job_runs_to_completion_and_everything_about_it_is_readable(ready):
     last_seen = ids[3]
     again = sse_events(server, job["id"], headers={"Last-Event-ID": str(last_seen)})
     assert [int(i) for i, _, _ in again if i is not None] == [i for i in ids if i > last_seen]
+
+    # the WebSocket carries the same feed
+    with connect(f"ws://127.0.0.1:{server.port}/api/jobs/{job['id']}/ws?since={last_seen}") as ws:
+        messages = [json.loads(m) for m in ws]
+    assert [m["id"] for m in messages if "id" in m] == [i for i in ids if i > last_seen]
+    assert messages[-1] == {**messages[-1], "type": "status", "status": "completed"}
 
     second = submit(client, job_spec("tiny", "chat", max_steps=2))
     assert wait_for(client, second["id"], final)["artifact"] == {"name": "api-job", "version": 2}
@@ -157,6 +165,14 @@ def test_keys_isolate_jobs_and_auth_is_required(make_server, tiny_model_template
         assert b.post("/jobs", json=job_spec("tiny", "chat")).status_code == 422
         assert root.get(f"/jobs/{job['id']}").status_code == 200 and root.get("/jobs").json()["total"] == 1
         assert wait_for(a, job["id"], final)["status"] == "completed"
+        ws_url = f"ws://127.0.0.1:{server.port}/api/jobs/{job['id']}/ws"
+        with connect(f"{ws_url}?token={alice}") as ws:
+            assert any(json.loads(m).get("type") == "metric" for m in ws)
+        for token, code in ((bob, 4404), (None, 4401)):
+            with connect(ws_url + (f"?token={token}" if token else "")) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv()
+            assert closed.value.rcvd.code == code
         assert b.post("/keys", json={"name": "x"}).status_code == 403
         with httpx.Client() as raw:
             assert raw.get(f"{server.url}/api/jobs", headers={"Authorization": "Bearer usf_wrong"}).status_code == 401

@@ -218,8 +218,9 @@ async def websocket(websocket: WebSocket, job_id: str, since: int = -1) -> None:
         try:
             caller = get_ws_caller(websocket, session)
             job = _job_or_404(session, caller, job_id)
-        except HTTPException as err:
-            await websocket.close(code=4401 if err.status_code == 401 else 4404, reason=str(err.detail))
+        except HTTPException as err:  # accept first: a close code (4401, 4404) only exists on an open socket
+            await websocket.accept()
+            await websocket.close(code=4000 + err.status_code, reason=str(err.detail))
             return
     await websocket.accept()
     try:
