@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from usf_bios.control.tables import Job, MetricPoint
+from usf_bios.engine.events import parse_event
 from usf_bios.storage import StorageLayout
 
 METRIC_FIELDS = ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "gpu_memory_gb")
@@ -26,15 +26,7 @@ def read_new_events(layout: StorageLayout, job: Job) -> list[dict[str, Any]]:
     if end < 0:
         return []
     job.events_offset += end + 1
-    events = []
-    for line in chunk[:end].splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events
+    return [event for event in map(parse_event, chunk[:end].splitlines()) if event is not None]
 
 
 def _point(session: Session, job_id: str, step: int) -> MetricPoint:

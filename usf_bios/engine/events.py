@@ -59,19 +59,21 @@ class EventLog:
         self._log.close()
 
 
+def parse_event(line: str | bytes) -> dict[str, Any] | None:
+    """One line of an events file, or None for a torn or garbled one."""
+    try:
+        event = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return event if isinstance(event, dict) and "type" in event else None
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Every complete event in the file; a torn or garbled line is skipped."""
     if not path.exists():
         return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [event for event in map(parse_event, lines) if event is not None]
 
 
 def training_log(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from usf_bios.control.jobs import JobRequestError, cancel_job, job_public, resol
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
 from usf_bios.control.tables import Artifact, Job, MetricPoint
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
+from usf_bios.engine.events import parse_event
 from usf_bios.spec import JobSpec
 from usf_bios.storage import StorageLayout
 
@@ -87,26 +88,27 @@ def get_job(job_id: str, caller: CurrentCaller, session: SessionDep) -> dict[str
     return _public(session, _job_or_404(session, caller, job_id))
 
 
-@router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep) -> dict[str, Any]:
+def _change(request: Request, session: Session, caller: Caller, job_id: str, action: Any) -> dict[str, Any]:
+    """Apply ``action`` (cancel_job, resume_job) to the caller's job; 409 when its status forbids it."""
     job = _job_or_404(session, caller, job_id)
     try:
-        cancel_job(session, job)
+        action(session, job)
     except InvalidTransition as err:
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
     request.app.state.scheduler.wake()
     return _public(session, job)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep) -> dict[str, Any]:
+    """Queued: cancelled at once. Running: SIGTERM (a checkpoint is saved), SIGKILL after USF_CANCEL_GRACE_S."""
+    return _change(request, session, caller, job_id, cancel_job)
 
 
 @router.post("/jobs/{job_id}/resume")
 def resume(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep) -> dict[str, Any]:
-    job = _job_or_404(session, caller, job_id)
-    try:
-        resume_job(session, job)
-    except InvalidTransition as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
-    request.app.state.scheduler.wake()
-    return _public(session, job)
+    """Cancelled, failed or interrupted: queued again; the engine continues from the newest checkpoint."""
+    return _change(request, session, caller, job_id, resume_job)
 
 
 @router.get("/jobs/{job_id}/metrics")
@@ -163,12 +165,9 @@ async def _event_feed(app: Any, layout: StorageLayout, job_id: str, since: int) 
                 offset += end + 1
                 for raw in chunk[:end].split(b"\n"):
                     line_no += 1
-                    if line_no <= since:
-                        continue
-                    try:
-                        yield line_no, json.loads(raw)
-                    except json.JSONDecodeError:
-                        continue
+                    event = parse_event(raw) if line_no > since else None
+                    if event is not None:
+                        yield line_no, event
         row = await run_in_threadpool(_status_row, app, job_id)
         if row != last_status:
             last_status = row
