@@ -38,6 +38,8 @@ class Caller:
 def find_owned(session: Session, caller: Caller, table: Any, ref: str) -> Any:
     """A row of ``table`` (with id, name, owner_key_id, created_at) by id, else by name, among what the
     caller may see; an admin matching several keys' rows by name gets their own first, else the newest."""
+    if "\x00" in ref:  # no id or name holds a NUL byte (and PostgreSQL refuses one in a query)
+        return None
     row = session.get(table, ref)
     if row is not None and caller.can_see(row.owner_key_id):
         return row
