@@ -49,6 +49,14 @@ def find_owned(session: Session, caller: Caller, table: Any, ref: str) -> Any:
     return (own or rows or [None])[0]
 
 
+def owned_or_404(session: Session, caller: Caller, table: Any, ref: str, what: str) -> Any:
+    """``find_owned`` or a 404 that reads the same whether the row is missing or another key's."""
+    row = find_owned(session, caller, table, ref)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} {ref!r}")
+    return row
+
+
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.db.sessions() as session:
         yield session

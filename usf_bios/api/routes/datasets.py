@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned
+from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned, owned_or_404
 from usf_bios.api.routes.models import find_model
 from usf_bios.api.uploads import ReceivedUpload, UploadRejected, receive_multipart, safe_filename
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry, new_id
@@ -94,10 +94,7 @@ def find_dataset(session: Session, caller: Caller, ref: str) -> DatasetEntry | N
 
 
 def _get_dataset(session: Session, caller: Caller, ref: str) -> DatasetEntry:
-    row = find_dataset(session, caller, ref)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {ref!r}")
-    return row
+    return owned_or_404(session, caller, DatasetEntry, ref, "dataset")
 
 
 # --- upload -------------------------------------------------------------------------------------------------

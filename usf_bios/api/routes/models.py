@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned
+from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned, owned_or_404
 from usf_bios.control.tables import Job, ModelEntry
 from usf_bios.models.inspect import folder_size, parameter_count
 from usf_bios.models.sources import huggingface_snapshot, modelscope_folder
@@ -252,10 +252,7 @@ def find_model(session: Session, caller: Caller, ref: str) -> ModelEntry | None:
 
 
 def _found(session: Session, caller: Caller, ref: str) -> ModelEntry:
-    row = find_model(session, caller, ref)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {ref!r}")
-    return row
+    return owned_or_404(session, caller, ModelEntry, ref, "model")
 
 
 def delete_model(session: Session, row: ModelEntry) -> None:
