@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned, owned_or_404
-from usf_bios.api.routes.models import find_model
 from usf_bios.api.uploads import ReceivedUpload, UploadRejected, receive_multipart, safe_filename
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry, new_id
 from usf_bios.datasets.formats import FORMATS, DatasetError, load_dataset, to_example
@@ -204,10 +203,7 @@ def _stats_model(session: Session, caller: Caller, ref: str | None) -> ModelEntr
     if ref is None:
         query = caller.scope(select(ModelEntry).where(ModelEntry.valid.is_(True)), ModelEntry.owner_key_id)
         return session.scalars(query.order_by(ModelEntry.created_at.desc()).limit(1)).first()
-    model = find_model(session, caller, ref)
-    if model is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {ref!r}")
-    return model
+    return owned_or_404(session, caller, ModelEntry, ref, "model")
 
 
 def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dict[str, int]]:
