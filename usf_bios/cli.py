@@ -41,7 +41,8 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
 ) -> None:
     """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled."""
-    from usf_bios.engine.run import EXIT_CODES, ResumeRefused, create_job, locked_spec, run_job
+    from usf_bios.engine.jobdir import ResumeRefused, create_job, locked_spec
+    from usf_bios.engine.run import EXIT_CODES, run_job
     from usf_bios.spec import SpecError, diff_specs, load_spec
 
     layout = _layout()
@@ -119,7 +120,8 @@ def demo(
 ) -> None:
     """Import SmolLM2-135M-Instruct offline, teach it a made-up fact on the CPU, and compare answers."""
     from usf_bios import demo as demo_mod
-    from usf_bios.engine.run import create_job, run_job
+    from usf_bios.engine.jobdir import create_job
+    from usf_bios.engine.run import run_job
     from usf_bios.inference.chat import answer, load_chat_model
 
     layout = _layout()

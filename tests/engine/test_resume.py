@@ -16,7 +16,8 @@ import yaml
 from tests.conftest import chat_rows, write_jsonl
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.events import read_events, training_log
-from usf_bios.engine.run import JobAlreadyRunning, create_job, run_job
+from usf_bios.engine.jobdir import create_job
+from usf_bios.engine.run import JobAlreadyRunning, run_job
 from usf_bios.spec import parse_spec
 from usf_bios.storage import StorageLayout
 

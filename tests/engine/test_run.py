@@ -10,7 +10,8 @@ import yaml
 
 from tests.conftest import chat_rows, write_jsonl
 from usf_bios.engine.events import read_events
-from usf_bios.engine.run import create_job, run_job
+from usf_bios.engine.jobdir import create_job
+from usf_bios.engine.run import run_job
 from usf_bios.spec import parse_spec
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -79,7 +78,3 @@ def job_public(job: Job, artifact: Any | None = None) -> dict[str, Any]:
         "model_id": job.model_id, "dataset_id": job.dataset_id, "num_gpus": job.num_gpus, "spec": job.request,
         "artifact": {"name": artifact.name, "version": artifact.version} if artifact else None,
     }
-
-
-def output_folder(layout: StorageLayout, job: Job) -> Path:
-    return layout.job_output(job.id)

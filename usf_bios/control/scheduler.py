@@ -115,11 +115,11 @@ class Scheduler:
 
     def _cancel_signals(self, job: Job, ref: ProcessRef) -> None:
         if job.id not in self._terminated:
-            self.executor.signal(ref, signal.SIGTERM)
+            self.executor.send_signal(ref, signal.SIGTERM)
             self._terminated.add(job.id)
         requested = _utc(job.cancel_requested_at or datetime.now(timezone.utc))
         if (datetime.now(timezone.utc) - requested).total_seconds() > self.settings.cancel_grace_s:
-            self.executor.signal(ref, signal.SIGKILL)
+            self.executor.send_signal(ref, signal.SIGKILL)
 
     def _record_artifact(self, session: Session, job: Job) -> None:
         folder = self.layout.job_output(job.id)

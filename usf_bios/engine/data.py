@@ -74,10 +74,6 @@ def _tokenize_with_mask(tokenizer: Any, text: str, spans: list[tuple[int, int]])
     return ids, mask
 
 
-def _eos_id(tokenizer: Any) -> int | None:
-    return tokenizer.eos_token_id
-
-
 def encode_example(example: Example, tokenizer: Any, max_seq_length: int, train_on_inputs: bool) -> TokenizedExample:
     """Tokenize one example and mark which tokens carry loss."""
     if example.templated:
@@ -93,7 +89,7 @@ def encode_example(example: Example, tokenizer: Any, max_seq_length: int, train_
         *prompt_parts, answer = example.messages
         prompt_ids: list[int] = tokenizer("".join(m.content for m in prompt_parts))["input_ids"] if prompt_parts else []
         answer_ids: list[int] = tokenizer(answer.content, add_special_tokens=not prompt_parts)["input_ids"]
-        eos = _eos_id(tokenizer)
+        eos = tokenizer.eos_token_id
         if eos is not None and (not answer_ids or answer_ids[-1] != eos):
             answer_ids = answer_ids + [eos]
         ids = prompt_ids + answer_ids

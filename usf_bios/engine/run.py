@@ -24,7 +24,7 @@ from usf_bios.datasets.locate import locate_dataset
 from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
-from usf_bios.engine.jobdir import ResumeRefused, create_job, locked_spec, new_job_id  # noqa: F401 (re-exported)
+from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs

@@ -79,7 +79,7 @@ class LocalExecutor:
     def forget(self, ref: ProcessRef) -> None:
         self._children.pop(ref.pid, None)
 
-    def signal(self, ref: ProcessRef, sig: signal.Signals) -> None:
+    def send_signal(self, ref: ProcessRef, sig: signal.Signals) -> None:
         """Signal the job's whole process group, if the process is still the job's."""
         if self.is_alive(ref):
             try:
