@@ -63,6 +63,28 @@ class Hyperparameters(_Strict):
         return value
 
 
+Switch = Literal["auto", "on", "off"]
+
+
+class Performance(_Strict):
+    """How the engine computes, never what it learns: every choice here gives the same losses and gradients.
+
+    'auto' picks the fastest path this machine supports (see docs/benchmarks.md); the engine logs what it chose.
+    """
+
+    attention: Literal["auto", "sdpa", "varlen"] = Field(
+        "auto", description="varlen: one variable-length attention call over packed examples (flash kernel on CUDA), "
+        "no mask; sdpa: PyTorch SDPA with a block-diagonal mask.")
+    loss: Literal["auto", "full", "chunked", "fused"] = Field(
+        "auto", description="full: whole logits; chunked: cross-entropy in slices so the logits never exist whole; "
+        "fused: Liger's fused linear cross-entropy (CUDA, liger-kernel).")
+    fused_kernels: Switch = Field("auto", description="Liger kernels for RMSNorm, RoPE and SwiGLU (CUDA, liger-kernel).")
+    fused_optimizer: Switch = Field("auto", description="AdamW in one fused kernel (CUDA).")
+    checkpointing: Literal["auto", "all", "offload"] = Field(
+        "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs; "
+        "all recomputes every layer; offload also keeps the saved layer inputs in host memory (longest contexts).")
+
+
 class GpuConfig(_Strict):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
     gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
@@ -77,13 +99,14 @@ class JobSpec(_Strict):
     trust_remote_code: bool = Field(False, description="Run the model's own Python code (only for models that need it).")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     gpu_config: GpuConfig = Field(default_factory=GpuConfig)
+    performance: Performance = Field(default_factory=Performance)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides what is learned (the name is left out)."""
-        data = self.model_dump(mode="json", exclude={"name"})
+        """A hash of everything that decides what is learned (the name and the performance switches are left out)."""
+        data = self.model_dump(mode="json", exclude={"name", "performance"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from tests.tiny import build_tiny_model
 from usf_bios.datasets.formats import Example, Message
 from usf_bios.engine.data import IGNORE, TokenizationError, TrainingData, collate, encode_example, pack_rows
-from usf_bios.engine.loop import token_losses
+from usf_bios.engine.loss import token_losses
 
 CONVERSATION = Example((Message("system", "Answer briefly."), Message("user", "What is 2?"),
                         Message("assistant", "The answer is 2."), Message("user", "And 3?"),
@@ -128,7 +130,7 @@ def test_packing_would_differ_if_examples_attended_to_each_other(tiny):
     a = encode_example(CONVERSATION, tokenizer, 512, False)
     b = encode_example(Example((Message("user", "Hi"), Message("assistant", "Hello there.")), True, 2), tokenizer, 512, False)
     batch = collate([[a, b]], pad_id=0)
-    continuous = type(batch)(batch.input_ids, torch.arange(batch.input_ids.shape[1])[None], batch.targets, batch.real_tokens)
+    continuous = dataclasses.replace(batch, position_ids=torch.arange(batch.input_ids.shape[1])[None])
     with torch.no_grad():
         alone = token_losses(model, collate([[b]], pad_id=0))[0]
         leaked = token_losses(model, continuous)[0, len(a.input_ids):]

@@ -10,6 +10,7 @@ causal mask, so packed examples never attend to each other.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -127,13 +128,18 @@ class Batch:
     position_ids: torch.Tensor   # restarts at 0 for each example (and for the padding tail)
     targets: torch.Tensor        # IGNORE on padding and untrained tokens
     real_tokens: int             # non-padding tokens
+    cu_seqlens: torch.Tensor     # int32 boundaries of the examples (and padding tails) in the flattened rows
+    max_seqlen: int              # the longest of those segments
+    trained_index: torch.Tensor  # flat positions whose target is trained
 
     @property
     def trained_tokens(self) -> int:
-        return int((self.targets != IGNORE).sum())
+        return int(self.trained_index.numel())
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device), self.real_tokens)
+        move = {"device": device, "non_blocking": device.type == "cuda"}
+        return Batch(self.input_ids.to(**move), self.position_ids.to(**move), self.targets.to(**move), self.real_tokens,
+                     self.cu_seqlens.to(**move), self.max_seqlen, self.trained_index.to(**move))
 
 
 def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
@@ -141,14 +147,19 @@ def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
     flat = [([t for ex in row for t in ex.input_ids], [p for ex in row for p in range(len(ex.input_ids))],
              [t for ex in row for t in ex.targets]) for row in rows]
     width = max(len(ids) for ids, _, _ in flat)
-    input_ids, positions, targets = [], [], []
-    for ids, pos, tgt in flat:
+    input_ids, positions, targets, segments = [], [], [], []
+    for row, (ids, pos, tgt) in zip(rows, flat):
         pad = width - len(ids)
         input_ids.append(ids + [pad_id] * pad)
         positions.append(pos + list(range(pad)))
         targets.append(tgt + [IGNORE] * pad)
-    return Batch(torch.tensor(input_ids), torch.tensor(positions), torch.tensor(targets),
-                 real_tokens=sum(len(ids) for ids, _, _ in flat))
+        segments += [len(ex.input_ids) for ex in row if ex.input_ids] + ([pad] if pad else [])
+    target_tensor = torch.tensor(targets)
+    return Batch(torch.tensor(input_ids), torch.tensor(positions), target_tensor,
+                 real_tokens=sum(len(ids) for ids, _, _ in flat),
+                 cu_seqlens=torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32),
+                 max_seqlen=max(segments),
+                 trained_index=torch.nonzero(target_tensor.flatten() != IGNORE).flatten())
 
 
 class TrainingData:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from usf_bios.engine.checkpoint import TrainerState, save_checkpoint
-from usf_bios.engine.data import IGNORE, Batch, TrainingData
+from usf_bios.engine.data import Batch, TrainingData
 from usf_bios.engine.events import EventLog
+from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
+from usf_bios.engine.speed import SpeedPlan
 from usf_bios.spec import Hyperparameters
 
 
@@ -37,14 +38,13 @@ class TrainingRun:
     events: EventLog
     checkpoint_dir: Path
     should_stop: Callable[[], bool]
+    plan: SpeedPlan
     show_progress: bool = False
 
 
-def token_losses(model: Any, batch: Batch) -> torch.Tensor:
-    """Per-position cross-entropy (0 where the target is ignored), shape (rows, length)."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-    losses = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return losses.view_as(batch.targets)
+def batch_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's trained tokens, the way the speed plan computes it."""
+    return loss_sum(run.model, batch, loss=run.plan.loss, attention=run.plan.attention)
 
 
 def autocast(placement: Placement) -> contextlib.AbstractContextManager:
@@ -60,14 +60,14 @@ def evaluate(run: TrainingRun) -> float | None:
     if not batches:
         return None
     run.model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=run.placement.device), 0
     for batch in batches:
+        count += batch.trained_tokens
         batch = batch.to(run.placement.device)
         with autocast(run.placement):
-            total += float(token_losses(run.model, batch).sum())
-        count += batch.trained_tokens
+            total += batch_loss(run, batch)
     run.model.train()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def next_micro_batches(run: TrainingRun) -> list[Batch]:
@@ -103,18 +103,18 @@ def train(run: TrainingRun) -> str:
             started = time.perf_counter()
             batches = next_micro_batches(run)
             step_tokens = sum(b.trained_tokens for b in batches)
-            loss_sum = 0.0
+            step_loss = torch.zeros((), device=device)
             for batch in batches:
                 batch = batch.to(device)
                 with autocast(run.placement):
-                    loss = token_losses(model, batch).sum() / max(step_tokens, 1)
+                    loss = batch_loss(run, batch) / max(step_tokens, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += float(loss.detach())
+                step_loss += loss.detach()
                 state.samples_seen += batch.input_ids.shape[0]
                 state.tokens_seen += batch.real_tokens
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
+            grad_norm_tensor = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -124,24 +124,23 @@ def train(run: TrainingRun) -> str:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            mean_loss, grad_norm = (float(v) for v in torch.stack([step_loss, grad_norm_tensor.float()]).tolist())
             elapsed = time.perf_counter() - started
             metric = {
                 "step": state.step,
                 "epoch": round(state.epoch + state.micro_batch / run.data.micro_batches_per_epoch, 4),
-                "loss": loss_sum,
+                "loss": mean_loss,
                 "learning_rate": learning_rate,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "tokens_per_second": round(sum(b.real_tokens for b in batches) / elapsed, 1),
                 "gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             }
             events.emit("metric", **metric)
-            events.log(f"step {state.step}/{state.total_steps} loss {loss_sum:.4f} lr {learning_rate:.3g} "
+            events.log(f"step {state.step}/{state.total_steps} loss {mean_loss:.4f} lr {learning_rate:.3g} "
                        f"grad_norm {grad_norm:.3f} {metric['tokens_per_second']} tok/s")
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"the loss became {loss_sum} at step {state.step}; lower learning_rate")
-            progress.update(task, completed=state.step, loss=f"{loss_sum:.4f}")
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; lower learning_rate")
+            progress.update(task, completed=state.step, loss=f"{mean_loss:.4f}")
             if run.data.val_rows and (state.step % hp.eval_steps == 0 or state.step == state.total_steps):
                 events.stage("evaluating")
                 validation_loss = evaluate(run)

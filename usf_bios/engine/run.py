@@ -27,6 +27,7 @@ from usf_bios.engine.events import EventLog
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
+from usf_bios.engine.speed import build_model, make_optimizer, resolve_plan
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -152,13 +153,16 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
         events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
         config = check_model_folder(resolved.path)
         tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
-        model = apply_lora(load_base_model(resolved, spec, placement, config), spec)
+        plan = resolve_plan(spec.performance, hp, placement)
+        model, plan, notes = build_model(load_base_model(resolved, spec, placement, config), spec, plan, placement)
+        for note in notes:
+            events.log(note)
         events.stage("tokenizing")
         dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
         data = _tokenize(dataset, tokenizer, spec, events)
         total_steps = _total_steps(spec, data)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optimizer = make_optimizer(trainable, hp, plan)
         scheduler = _scheduler(optimizer, spec, total_steps)
         state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint())
         if resume_from is not None:
@@ -174,7 +178,7 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
                    f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
         events.stage("training", total_steps=total_steps)
         run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
-                          should_stop=lambda: stop.requested, show_progress=show_progress)
+                          should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
         status = train(run)
         if status == "cancelled":
             events.done("cancelled")

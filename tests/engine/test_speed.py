@@ -1,0 +1,184 @@
+"""Every speed switch gives the plain path's loss and gradients (CPU here; CUDA-only kernels in test_speed_gpu.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from usf_bios.engine import loss as loss_module
+from usf_bios.engine import speed
+from usf_bios.engine.data import IGNORE, TokenizedExample, collate
+from usf_bios.engine.loss import loss_sum
+from usf_bios.engine.model import Placement
+from usf_bios.engine.speed import SpeedPlan, SpeedPlanError, build_model, layers_to_recompute, resolve_plan
+from usf_bios.spec import Hyperparameters, JobSpec, Performance
+
+CPU = Placement(torch.device("cpu"), "fp32")
+PLAIN = SpeedPlan(attention="sdpa", loss="full", fused_kernels=False, fused_optimizer=False, checkpointing="none")
+
+
+def tiny_base(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def spec(**hp) -> JobSpec:
+    return JobSpec(name="speed", base_model="tiny", dataset="rows",
+                   hyperparameters={"precision": "fp32", "lora_dropout": 0.0, **hp})
+
+
+def lora_model(plan: SpeedPlan, dropout: float = 0.0):
+    job = spec(lora_dropout=dropout, gradient_checkpointing=plan.checkpointing != "none")
+    model, applied, notes = build_model(tiny_base(), job, plan, CPU)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at zero, which would make every A gradient zero: give B values
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.train()
+    return model, applied, notes
+
+
+def example(length: int, seed: int, trained_from: int) -> TokenizedExample:
+    ids = torch.randint(0, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    targets = [ids[t + 1] if t + 1 >= trained_from else IGNORE for t in range(length - 1)] + [IGNORE]
+    return TokenizedExample(ids, targets, False, seed)
+
+
+def packed_batch():
+    rows = [[example(37, 1, 10), example(20, 2, 5), example(9, 3, 0)], [example(41, 4, 20)], [example(5, 5, 1)]]
+    return collate(rows, pad_id=0)
+
+
+def loss_and_grads(plan: SpeedPlan, dropout: float = 0.0, seed: int = 7):
+    model, applied, _ = lora_model(plan, dropout)
+    batch = packed_batch()
+    torch.manual_seed(seed)
+    value = loss_sum(model, batch, loss=applied.loss, attention=applied.attention)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    return value.detach(), grads
+
+
+def assert_same(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return loss_and_grads(PLAIN)
+
+
+def test_chunked_loss_matches_full_logits(reference, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 7)  # 7 positions per slice: many slices
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, loss="chunked")), reference)
+
+
+def test_chunked_loss_without_gradients_gives_the_same_sum(monkeypatch):
+    model, _, _ = lora_model(PLAIN)
+    batch = packed_batch()
+    with torch.no_grad():
+        full = loss_sum(model, batch, loss="full")
+        monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 5)
+        chunked = loss_sum(model, batch, loss="chunked")
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    assert full.item() > 0
+
+
+def test_varlen_attention_matches_the_block_diagonal_mask(reference):
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, attention="varlen")), reference)
+
+
+def test_varlen_attention_would_differ_without_the_boundaries():
+    """Guard: boundaries that merge two examples change the loss, so the test above can fail."""
+    model, applied, _ = lora_model(dataclasses.replace(PLAIN, attention="varlen"))
+    batch = packed_batch()
+    merged = dataclasses.replace(batch, cu_seqlens=torch.tensor([0, 57, 66, 107, 123, 128, 132, 164], dtype=torch.int32))
+    with torch.no_grad():
+        right = loss_sum(model, batch, loss="full", attention="varlen")
+        wrong = loss_sum(model, merged, loss="full", attention="varlen")
+    assert not torch.allclose(right, wrong, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing", ["all", "offload"])
+def test_checkpointing_matches_keeping_activations_with_dropout(checkpointing):
+    """The recompute replays the forward pass's dropout masks (the RNG state is restored)."""
+    plain = loss_and_grads(PLAIN, dropout=0.1)
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing=checkpointing), dropout=0.1), plain)
+
+
+def test_offload_slices_the_mlp_over_long_rows_without_changing_gradients(reference, monkeypatch):
+    calls = []
+    original = speed._sliced_mlp
+    monkeypatch.setattr(speed, "MLP_SLICE_TOKENS", 16)
+    monkeypatch.setattr(speed, "_sliced_mlp", lambda forward, x: calls.append(x.shape) or original(forward, x))
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+    assert calls  # the sliced path ran
+
+
+def test_all_switches_together_match_the_plain_path(reference, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 11)
+    fast = SpeedPlan(attention="varlen", loss="chunked", fused_kernels=False, fused_optimizer=False,
+                     checkpointing="offload")
+    assert_same(loss_and_grads(fast), reference)
+
+
+def test_layers_to_recompute_takes_the_fewest_that_fit():
+    gib = 2**30
+    # 32 layers × 4096 tokens × 100 KiB = 12.5 GiB of activations: fits in 20 GiB free, recompute none
+    assert layers_to_recompute(32, 4096, 100 * 1024, 8192, 20 * gib) == 0
+    # with 10 GiB free (7 after headroom) some layers must go, but not all
+    k = layers_to_recompute(32, 4096, 100 * 1024, 8192, 10 * gib)
+    assert 0 < k < 32
+    kept = (32 - k) * 4096 * 100 * 1024 + k * 4096 * 8192
+    assert kept <= 10 * gib - speed.HEADROOM_BYTES < kept + 4096 * (100 * 1024 - 8192)
+    assert layers_to_recompute(32, 4096, 100 * 1024, 8192, 1 * gib) == 32
+
+
+def test_activation_estimate_grows_with_the_model():
+    small, large = tiny_base().config, tiny_base().config
+    large.intermediate_size *= 4
+    assert speed.activation_bytes_per_token(large, 0.0) > speed.activation_bytes_per_token(small, 0.0)
+    assert speed.activation_bytes_per_token(small, 0.1) > speed.activation_bytes_per_token(small, 0.0)
+
+
+def test_auto_plan_on_the_cpu_is_the_portable_fast_path():
+    plan = resolve_plan(Performance(), Hyperparameters(), CPU)
+    assert plan == SpeedPlan(attention="sdpa", loss="chunked", fused_kernels=False, fused_optimizer=False,
+                             checkpointing="all")
+    assert resolve_plan(Performance(), Hyperparameters(gradient_checkpointing=False), CPU).checkpointing == "none"
+    assert resolve_plan(Performance(attention="varlen"), Hyperparameters(), CPU).attention == "varlen"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss", "fused", "performance.loss: fused needs a CUDA GPU"),
+    ("fused_kernels", "on", "performance.fused_kernels: needs a CUDA GPU"),
+    ("fused_optimizer", "on", "performance.fused_optimizer: the fused AdamW needs a CUDA GPU"),
+])
+def test_switches_the_cpu_cannot_honour_are_refused_by_name(field, value, message):
+    with pytest.raises(SpeedPlanError, match=message):
+        resolve_plan(Performance(**{field: value}), Hyperparameters(), CPU)
+
+
+def test_a_trained_output_layer_falls_back_to_full_logits():
+    job = spec(target_modules=["q_proj", "lm_head"])
+    model, applied, notes = build_model(tiny_base(), job, dataclasses.replace(PLAIN, loss="chunked"), CPU)
+    assert applied.loss == "full"
+    assert any("loss: full logits, because the output layer is a" in n for n in notes)
+
+
+def test_performance_switches_do_not_change_the_fingerprint():
+    a = spec()
+    b = JobSpec.model_validate({**a.model_dump(), "performance": {"attention": "sdpa", "loss": "full"}})
+    assert a.fingerprint() == b.fingerprint()

@@ -1,0 +1,331 @@
+"""Speed switches: how the engine computes, never what it learns.
+
+Each switch in ``spec.performance`` has a plain path and a faster one; 'auto' picks the faster one where this
+machine supports it. The choice is resolved once into a ``SpeedPlan`` (logged by the engine) and applied to the
+model here:
+
+- attention ``varlen``: packed examples go through one variable-length attention call (the flash kernel of
+  ``torch.nn.attention.varlen`` on CUDA, one causal SDPA per example on the CPU) with the example boundaries
+  computed on the host, instead of SDPA with a dense block-diagonal mask.
+- checkpointing ``auto``: recompute only as many decoder layers as GPU memory needs (none when it fits);
+  ``offload``: every layer, with its saved input kept in pinned host memory, and (without LoRA dropout) the MLP
+  recomputed in slices over long sequences, for the longest contexts.
+- fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused optimizer: ``torch.optim.AdamW(fused=True)``.
+- loss: see ``engine/loss.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from usf_bios.engine.model import Placement
+from usf_bios.spec import Hyperparameters, JobSpec, Performance
+
+VARLEN_ATTENTION = "usf_varlen"
+MLP_SLICE_TOKENS = 16_384         # the MLP runs in slices of this many tokens when a micro-batch is longer
+HEADROOM_BYTES = 3 * 2**30        # kept free for the loss slices, the optimizer and the allocator's slack
+
+
+class SpeedPlanError(ValueError):
+    """A switch was turned on that this machine cannot honour (for example a CUDA kernel on the CPU)."""
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    attention: str              # sdpa | varlen
+    loss: str                   # full | chunked | fused
+    fused_kernels: bool
+    fused_optimizer: bool
+    checkpointing: str          # none | auto | all | offload (auto becomes a layer count in apply_checkpointing)
+
+    def describe(self) -> str:
+        return (f"attention {self.attention}, loss {self.loss}, fused kernels {'on' if self.fused_kernels else 'off'}, "
+                f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _switch(value: str, available: bool, field: str, why: str) -> bool:
+    if value == "on" and not available:
+        raise SpeedPlanError(f"performance.{field}: {why}")
+    return value == "on" or (value == "auto" and available)
+
+
+def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -> SpeedPlan:
+    """The concrete choices for this job on this machine; errors name the field that cannot be honoured."""
+    cuda = placement.device.type == "cuda"
+    liger = cuda and _has("liger_kernel")
+    liger_why = "needs a CUDA GPU and the liger-kernel package (pip install 'usf-bios[gpu]')"
+    attention = perf.attention
+    if attention == "auto":
+        attention = "varlen" if cuda and hp.packing else "sdpa"
+    loss = perf.loss
+    if loss == "fused" and not liger:
+        raise SpeedPlanError(f"performance.loss: fused {liger_why}")
+    if loss == "auto":
+        loss = "chunked"
+    if not hp.gradient_checkpointing:
+        checkpointing = "none"
+    elif perf.checkpointing == "auto":
+        checkpointing = "auto" if cuda else "all"
+    else:
+        checkpointing = perf.checkpointing
+    return SpeedPlan(
+        attention=attention, loss=loss,
+        fused_kernels=_switch(perf.fused_kernels, liger, "fused_kernels", liger_why),
+        fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
+        checkpointing=checkpointing)
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+
+def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _causal_kwargs(kernel: Callable[..., Any], scaling: float | None, gqa: bool) -> dict[str, Any]:
+    params = inspect.signature(kernel).parameters
+    kwargs: dict[str, Any] = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    if scaling is not None and "scale" in params:
+        kwargs["scale"] = scaling
+    if gqa:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def _per_example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           scaling: float | None) -> torch.Tensor:
+    """The CPU path: one causal SDPA per example. q: (tokens, heads, dim); k, v: (tokens, kv_heads, dim)."""
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+    return out
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    cu_seqlens, max_seqlen = kwargs.get("usf_cu_seqlens"), kwargs.get("usf_max_seqlen")
+    if cu_seqlens is None:  # a call without boundaries (generation, a plain forward): ordinary causal SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=True)
+    if dropout:
+        raise ValueError("varlen attention does not apply attention dropout; use performance.attention: sdpa")
+    batch, heads, length, dim = query.shape
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
+    kernel = _varlen_kernel() if q.is_cuda else None
+    if kernel is None:
+        out = _per_example_attention(q, k, v, cu_seqlens, scaling)
+    else:
+        gqa = k.shape[1] != heads
+        if gqa and "enable_gqa" not in inspect.signature(kernel).parameters:
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+            gqa = False
+        out = kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **_causal_kwargs(kernel, scaling, gqa))
+    return out.view(batch, length, heads, dim), None
+
+
+def use_varlen_attention(model: Any) -> None:
+    """Route the model's attention through ``varlen_attention`` (no mask is built for it)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    model.config._attn_implementation = VARLEN_ATTENTION
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = VARLEN_ATTENTION
+
+
+# --- fused kernels ----------------------------------------------------------------------------------------------
+
+
+def apply_fused_kernels(model: Any) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU in place of the model's own (the loss is chosen separately)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise SpeedPlanError(f"performance.fused_kernels: Liger has no kernels for {model_type} models")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+# --- activation checkpointing ------------------------------------------------------------------------------------
+
+
+def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: int = 2) -> int:
+    """What one decoder layer keeps for the backward pass per token when it is not recomputed (an upper estimate).
+
+    Norm inputs and fp32 statistics, q/k/v after RoPE, the attention output, the MLP's gate, up, activation and
+    product, and, with LoRA dropout, the dropped copies of the LoRA inputs; 25% slack for what the sum misses.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    elements = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter
+    if lora_dropout:
+        elements += 4 * hidden + inter
+    return math.ceil(1.25 * elements * dtype_bytes)
+
+
+def layers_to_recompute(num_layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int,
+                        free_bytes: int) -> int:
+    """The fewest decoder layers to recompute so that the saved activations fit in ``free_bytes``."""
+    budget = free_bytes - HEADROOM_BYTES
+    keep_all = num_layers * tokens * per_token_bytes
+    if keep_all <= budget:
+        return 0
+    saving = tokens * (per_token_bytes - layer_input_bytes)
+    return min(num_layers, math.ceil((keep_all - budget) / max(saving, 1)))
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """Run a layer without keeping its activations; its input waits in pinned host memory for the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, function: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+        ctx.function, ctx.rest, ctx.device = function, rest, hidden.device
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
+        ctx.saved = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
+        ctx.saved.copy_(hidden.detach(), non_blocking=True)
+        with torch.no_grad():
+            out = function(hidden, *rest)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        hidden = ctx.saved.to(ctx.device, non_blocking=True).requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.function(hidden, *ctx.rest)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.backward(out, grad)
+        ctx.saved = None
+        return (None, hidden.grad) + (None,) * len(ctx.rest)
+
+
+def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """A drop-in for ``torch.utils.checkpoint.checkpoint`` as transformers calls it for a decoder layer."""
+    return _OffloadedLayer.apply(function, hidden, *rest)
+
+
+def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    if tokens <= MLP_SLICE_TOKENS or not torch.is_grad_enabled():
+        return forward(x)
+    flat = x.reshape(-1, x.shape[-1])
+    parts = [torch.utils.checkpoint.checkpoint(forward, flat[i:i + MLP_SLICE_TOKENS], use_reentrant=False)
+             for i in range(0, flat.shape[0], MLP_SLICE_TOKENS)]
+    return torch.cat(parts).view(*x.shape[:-1], -1)
+
+
+def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int, lora_dropout: float,
+                        dtype_bytes: int) -> int:
+    """Set which decoder layers recompute their activations; returns how many do."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = decoder_layers(model)
+    if plan.checkpointing == "none" or not layers:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        return 0
+    function: Callable[..., Any] = partial(checkpoint, use_reentrant=False)
+    recompute = len(layers)
+    if plan.checkpointing == "offload":
+        function = offloaded_checkpoint
+        for layer in layers:
+            mlp = getattr(layer, "mlp", None)
+            if mlp is not None and not lora_dropout:  # slices would draw other dropout masks than the whole
+                mlp.forward = partial(_sliced_mlp, mlp.forward)
+    elif plan.checkpointing == "auto":
+        device = next(p for p in model.parameters()).device
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        recompute = layers_to_recompute(len(layers), tokens_per_micro_batch,
+                                        activation_bytes_per_token(config, lora_dropout, dtype_bytes),
+                                        text.hidden_size * dtype_bytes, free)
+    for index, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = function
+        layer.gradient_checkpointing = index < recompute
+    return recompute
+
+
+# --- all together ------------------------------------------------------------------------------------------------
+
+
+def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement) -> tuple[Any, SpeedPlan, list[str]]:
+    """Fused kernels and attention on the base model, LoRA, then checkpointing; returns the model, the plan as
+    applied (a head that cannot be sliced turns the loss back to ``full``) and lines for the job log."""
+    from usf_bios.engine.loss import head_is_plain
+    from usf_bios.engine.model import apply_lora
+
+    hp = spec.hyperparameters
+    if plan.fused_kernels:
+        apply_fused_kernels(base)
+    if plan.attention == "varlen":
+        use_varlen_attention(base)
+    model = apply_lora(base, spec)
+    notes = []
+    if plan.loss != "full" and (why := head_is_plain(model)):
+        notes.append(f"loss: full logits, because {why}")
+        plan = replace(plan, loss="full")
+    dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
+    recomputed = apply_checkpointing(model, plan, hp.batch_size * hp.max_seq_length, hp.lora_dropout, dtype_bytes)
+    notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
+                 "their activations")
+    return model, plan, notes
+
+
+# --- optimizer -----------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, plan: SpeedPlan) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {"fused": True} if plan.fused_optimizer else {}
+    return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, **kwargs)
