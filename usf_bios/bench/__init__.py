@@ -1,0 +1,1 @@
+"""Benchmarks: our engine against Hugging Face Trainer + peft on random-weight models of real shapes."""
