@@ -114,6 +114,58 @@ def create_key_cmd(
     print(plaintext)
 
 
+DEFAULT_BENCH = ["llama3.1-8b-lora-bf16-4096", "qwen2.5-7b-lora-bf16-4096", "llama3.1-8b-qlora-nf4-4096"]
+
+
+@app.command()
+def bench(
+    config: Annotated[Optional[list[str]], typer.Option("--config", help="A configuration (repeatable); default: "
+                                                         "the 8B/7B LoRA and QLoRA ones. --list shows them.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON report, named <gpu>-<date>.json.")] = Path("docs/benchmarks"),
+    side: Annotated[str, typer.Option(help="both | ours | baseline")] = "both",
+    performance: Annotated[str, typer.Option(help="JSON of spec.performance fields for our engine.")] = "{}",
+    context: Annotated[Optional[str], typer.Option(help="Also search the longest context at batch 1 for this configuration.")] = None,
+    context_layers: Annotated[Optional[int], typer.Option(help="Search on a probe of this many decoder layers.")] = None,
+    context_start: Annotated[int, typer.Option(min=256)] = 32_768,
+    context_limit: Annotated[int, typer.Option(min=256)] = 524_288,
+    context_resolution: Annotated[int, typer.Option(min=64)] = 8_192,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed for each side of each configuration.")] = 1800,
+    list_configs: Annotated[bool, typer.Option("--list", help="List the configurations and exit.")] = False,
+) -> None:
+    """Measure our engine against Hugging Face Trainer + peft on this GPU: tokens/s, MFU, peak memory."""
+    import json
+
+    from pydantic import ValidationError
+
+    from usf_bios.bench.configs import CONFIGS
+    from usf_bios.bench.report import markdown_table
+    from usf_bios.bench.runner import ContextSearch, run_bench
+    from usf_bios.spec import Performance, format_validation_error
+
+    if list_configs:
+        for name, cfg in CONFIGS.items():
+            console.print(f"{name}  ({cfg.model}, {cfg.quantization}, {cfg.seq_len} tokens, "
+                          f"{cfg.examples_per_step} examples/step)", highlight=False)
+        return
+    sides = {"both": ("baseline", "ours"), "ours": ("ours",), "baseline": ("baseline",)}.get(side)
+    if sides is None:
+        raise _fail("--side: must be both, ours or baseline")
+    try:
+        perf = Performance.model_validate(json.loads(performance))
+    except json.JSONDecodeError as err:
+        raise _fail(f"--performance: not valid JSON: {err}") from None
+    except ValidationError as err:
+        raise _fail("--performance: " + "; ".join(format_validation_error(err))) from None
+    search = ContextSearch(context, context_layers, context_start, context_limit, context_resolution) if context else None
+    try:
+        path = run_bench(config or ([] if context else DEFAULT_BENCH), out_dir=out, performance=perf,
+                         timeout=timeout, sides=sides, context=search, log=lambda line: console.print(line, highlight=False))
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    console.print(markdown_table(json.loads(path.read_text())), highlight=False)
+    console.print(f"report: {path}", highlight=False)
+
+
 @app.command()
 def demo(
     steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 16,

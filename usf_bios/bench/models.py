@@ -10,7 +10,8 @@ from torch import nn
 from usf_bios.bench.configs import build_config
 
 
-def build_model(model: str, quantization: str, device: torch.device, dtype: torch.dtype) -> Any:
+def build_model(model: str, quantization: str, device: torch.device, dtype: torch.dtype, *,
+                layers: int | None = None) -> Any:
     """A ``PreTrainedModel`` with random weights and every parameter frozen; train/eval mode is the caller's.
 
     ``quantization="4bit"`` (CUDA only) swaps every linear layer of the decoder layers (not the embeddings or
@@ -27,6 +28,8 @@ def build_model(model: str, quantization: str, device: torch.device, dtype: torc
         raise ValueError(f"quantization '4bit' needs a CUDA device (bitsandbytes), got {device}")
     config = build_config(model)
     config.use_cache = False
+    if layers is not None:  # a probe: fewer decoder layers of the same shape
+        config.num_hidden_layers = layers
     with torch.device(device):
         built = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     built.config.use_cache = False

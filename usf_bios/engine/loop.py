@@ -132,6 +132,8 @@ def train(run: TrainingRun) -> str:
                 "loss": mean_loss,
                 "learning_rate": learning_rate,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                "tokens": sum(b.real_tokens for b in batches),
+                "step_seconds": round(elapsed, 4),
                 "tokens_per_second": round(sum(b.real_tokens for b in batches) / elapsed, 1),
                 "gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             }

@@ -111,14 +111,18 @@ def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, c
 
 
 def apply_lora(base: Any, spec: JobSpec) -> Any:
-    """Wrap the base model with trainable LoRA adapters; everything else stays frozen."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap the base model with trainable LoRA adapters; everything else stays frozen.
+
+    Quantized models are not run through peft's ``prepare_model_for_kbit_training``: it copies the embeddings,
+    norms and output layer to fp32 (2 GiB more for an 8B model with a 128k vocabulary, and an fp32 output layer),
+    although they stay frozen; the norms compute in fp32 anyway.
+    """
+    from peft import LoraConfig, get_peft_model
 
     hp = spec.hyperparameters
-    if hp.quantization != "none":
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif hp.gradient_checkpointing:
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if hp.gradient_checkpointing:
         if hasattr(base, "activation_checkpointing_enable"):  # the name in newer transformers 5 releases
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -16,6 +16,7 @@ model here:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -76,8 +77,8 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
         loss = "chunked"
     if not hp.gradient_checkpointing:
         checkpointing = "none"
-    elif perf.checkpointing == "auto":
-        checkpointing = "auto" if cuda else "all"
+    elif perf.checkpointing == "auto":  # a quantized model asks for the least memory: recompute every layer
+        checkpointing = "auto" if cuda and hp.quantization == "none" else "all"
     else:
         checkpointing = perf.checkpointing
     return SpeedPlan(
@@ -294,6 +295,13 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
     for index, layer in enumerate(layers):
         layer._gradient_checkpointing_func = function
         layer.gradient_checkpointing = index < recompute
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if plan.checkpointing != "offload" and hasattr(inner, "disable_input_require_grads"):
+        # transformers makes the embeddings' output require a gradient for reentrant checkpointing; the
+        # non-reentrant kind needs none, and the backward pass would compute one through the first layer for nothing.
+        # The offloaded layer is an autograd function and does need it.
+        with contextlib.suppress(AttributeError):  # no hook was registered
+            inner.disable_input_require_grads()
     return recompute
 
 

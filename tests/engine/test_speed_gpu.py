@@ -1,0 +1,119 @@
+"""The CUDA-only speed switches against the plain path, in bf16 (skipped without a GPU; run on the lent H100).
+
+bf16 rounding differs between kernels, so losses and gradients are compared by relative error, not bit for bit;
+a wrong kernel (examples attending across their boundary, a dropped term) is off by far more than the bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from tests.engine.test_speed import PLAIN, packed_batch, spec
+from usf_bios.engine.loss import loss_sum
+from usf_bios.engine.model import Placement
+from usf_bios.engine.speed import SpeedPlan, build_model, make_optimizer, resolve_plan
+from usf_bios.spec import Hyperparameters, Performance
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU = Placement(torch.device("cuda", 0), "bf16")
+HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+def gpu_base():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(GPU.device, torch.bfloat16)
+
+
+def gpu_model(plan: SpeedPlan):
+    model, applied, _ = build_model(gpu_base(), spec(precision="bf16", gradient_checkpointing=plan.checkpointing != "none"),
+                                    plan, GPU)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator).to(param) * 0.05)
+    model.train()
+    return model, applied
+
+
+def loss_and_grads(plan: SpeedPlan):
+    model, applied = gpu_model(plan)
+    batch = packed_batch().to(GPU.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        value = loss_sum(model, batch, loss=applied.loss, attention=applied.attention)
+    value.backward()
+    return value.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_close_bf16(a, b, bound=2e-2):
+    assert abs(a[0] - b[0]) / b[0] < 5e-3, (a[0], b[0])
+    for name in b[1]:
+        error = (a[1][name] - b[1][name]).norm() / b[1][name].norm()
+        assert error < bound, f"{name}: relative error {error:.4f}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return loss_and_grads(PLAIN)
+
+
+def test_auto_plan_on_cuda_takes_the_fast_paths():
+    plan = resolve_plan(Performance(), Hyperparameters(), GPU)
+    assert (plan.attention, plan.loss, plan.fused_optimizer, plan.checkpointing) == ("varlen", "chunked", True, "auto")
+    assert plan.fused_kernels == HAS_LIGER
+    assert resolve_plan(Performance(), Hyperparameters(quantization="4bit"), GPU).checkpointing == "all"
+
+
+def test_flash_varlen_attention_matches_the_masked_sdpa(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, attention="varlen")), reference)
+
+
+def test_chunked_loss_matches_full_logits_on_cuda(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, loss="chunked")), reference)
+
+
+def test_offloaded_checkpointing_matches_on_cuda(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+
+
+@pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
+def test_liger_fused_loss_matches_full_logits(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, loss="fused")), reference)
+
+
+@pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
+def test_liger_kernels_match_the_model_s_own_layers(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, fused_kernels=True)), reference)
+
+
+def test_everything_on_matches_the_plain_path(reference):
+    fast = SpeedPlan(attention="varlen", loss="chunked", fused_kernels=HAS_LIGER, fused_optimizer=True,
+                     checkpointing="auto")
+    assert_close_bf16(loss_and_grads(fast), reference)
+
+
+def test_fused_adamw_takes_the_same_steps():
+    params = {}
+    for fused in (False, True):
+        plan = dataclasses.replace(PLAIN, fused_optimizer=fused)
+        model, applied = gpu_model(plan)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, Hyperparameters(learning_rate=1e-3), applied)
+        assert optimizer.defaults.get("fused") is (True if fused else None)
+        batch = packed_batch().to(GPU.device)
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_sum(model, batch, loss="full").backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        params[fused] = torch.cat([p.detach().flatten() for p in trainable])
+    assert (params[True] - params[False]).abs().max() < 1e-5

@@ -1,0 +1,105 @@
+"""One side of one benchmark configuration, in its own process (so each starts with an empty GPU and its own
+kernels): ``python -m usf_bios.bench.worker CONFIG SIDE OUT.json``. SIDE is ``ours``, ``baseline`` or ``context``.
+
+Writes ``{"side", "config", "gpu", "torch", "measurement" | "context", "notes", "error"}`` to OUT.json; an error
+(out of memory included) is written, not raised, so the runner can report it beside the other side's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from usf_bios.bench.configs import get_config
+from usf_bios.bench.models import build_model
+from usf_bios.bench.synthetic import synthetic_examples
+from usf_bios.spec import Performance
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_side(config_name: str, side: str, performance: Performance, *, layers: int | None = None,
+             context_start: int = 32_768, context_limit: int = 524_288, context_resolution: int = 8_192) -> dict[str, Any]:
+    cfg = get_config(config_name)
+    device = _device()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+    result: dict[str, Any] = {"side": side, "config": cfg.name, "torch": torch.__version__,
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              "notes": [], "error": None}
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.quantization, device, dtype, layers=layers)
+        vocab = model.config.vocab_size
+        result["notes"].append(f"model built in {time.perf_counter() - started:.1f} s")
+        if side == "context":
+            from usf_bios.bench.configs import build_config
+            from usf_bios.bench.ours import longest_context
+
+            full = build_config(cfg.model).num_hidden_layers
+            if layers is not None and layers < full:  # hold the missing layers' weights' worth of GPU memory
+                per_layer = sum(t.numel() * t.element_size() for t in model.model.layers[0].state_dict().values())
+                ballast = torch.empty(per_layer * (full - layers), dtype=torch.uint8, device=device)
+                result["notes"].append(f"probe of {layers} of {full} layers; {ballast.numel() / 1e9:.2f} GB held "
+                                       "for the other layers' weights")
+
+            result["context"] = longest_context(model, cfg, performance, start=context_start, limit=context_limit,
+                                                resolution=context_resolution,
+                                                log=lambda line: print(line, flush=True))
+            result["context"]["layers"] = layers or model.config.num_hidden_layers
+        else:
+            examples = synthetic_examples(cfg.num_examples, cfg.seq_len, vocab, cfg.seed)
+            if side == "baseline":
+                from usf_bios.bench.baseline import run_baseline
+
+                measurement = run_baseline(model, examples, cfg)
+            elif side == "ours":
+                from usf_bios.bench.ours import run_ours
+
+                with tempfile.TemporaryDirectory(prefix="usf-bench-") as workdir:
+                    measurement, notes = run_ours(model, examples, cfg, performance, Path(workdir))
+                result["notes"] += notes
+            else:
+                raise ValueError(f"unknown side {side!r}: ours, baseline or context")
+            result["measurement"] = measurement.to_dict()
+    except torch.OutOfMemoryError as err:
+        result["error"] = f"out of GPU memory: {str(err).splitlines()[0]}"
+    except Exception as err:  # reported beside the other side's numbers
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m usf_bios.bench.worker")
+    parser.add_argument("config")
+    parser.add_argument("side", choices=("ours", "baseline", "context"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--performance", default="{}", help="JSON of spec.performance fields for our side")
+    parser.add_argument("--layers", type=int, default=None, help="Build only this many decoder layers (a probe)")
+    parser.add_argument("--context-start", type=int, default=32_768)
+    parser.add_argument("--context-limit", type=int, default=524_288)
+    parser.add_argument("--context-resolution", type=int, default=8_192)
+    args = parser.parse_args(argv)
+    performance = Performance.model_validate(json.loads(args.performance))
+    result = run_side(args.config, args.side, performance, layers=args.layers, context_start=args.context_start,
+                      context_limit=args.context_limit, context_resolution=args.context_resolution)
+    args.out.write_text(json.dumps(result, indent=1))
+    if result["error"]:
+        print(f"{args.config} {args.side}: {result['error']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
