@@ -1,4 +1,4 @@
-"""The FastAPI application: routers, error shapes, and the scheduler's lifetime."""
+"""The FastAPI application: the API routers, the web dashboard, error shapes, and the scheduler's lifetime."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from usf_bios.control.db import Database, migrate
 from usf_bios.settings import Settings
 from usf_bios.spec import _reason
 from usf_bios.storage import StorageLayout
+from usf_bios.web import mount_web
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     for module in (system, keys, datasets, models, jobs):
         app.include_router(module.router, prefix="/api")
+    mount_web(app)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
@@ -72,15 +73,22 @@ def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, settings
     return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices).as_dict()
 
 
+def find_jobs(session: Session, caller: Caller, statuses: Iterable[JobStatus] | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The caller's jobs (with these statuses), newest first, as the API shows them; and how many match."""
+    query = caller.scope(select(Job), Job.owner_key_id)
+    if statuses is not None:
+        query = query.where(Job.status.in_([s.value for s in statuses]))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    return [_public(session, j) for j in jobs], total
+
+
 @router.get("/jobs")
 def list_jobs(caller: CurrentCaller, session: SessionDep, status_filter: JobStatus | None = Query(None, alias="status"),
               limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict[str, Any]:
-    query = caller.scope(select(Job), Job.owner_key_id)
-    if status_filter is not None:
-        query = query.where(Job.status == status_filter.value)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
-    return {"items": [_public(session, j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+    items, total = find_jobs(session, caller, None if status_filter is None else [status_filter], limit, offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
 @router.get("/jobs/{job_id}")

@@ -1,0 +1,185 @@
+"""The new-job form, built from the job spec itself: every field's help text, default and bounds come from
+``usf_bios.spec``, so the form cannot drift from what the API accepts. Presets fill the hyperparameters."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import annotated_types
+from pydantic.fields import FieldInfo
+
+from usf_bios.spec import GpuConfig, Hyperparameters, JobSpec
+
+Kind = Literal["int", "float", "bool", "choice", "text"]
+
+# Shown without opening "All hyperparameters"; the rest are grouped below them.
+MAIN_FIELDS = ("num_epochs", "max_steps", "learning_rate", "batch_size", "gradient_accumulation_steps",
+               "max_seq_length", "lora_r", "lora_alpha")
+QUANTIZATION_FIELD = "quantization"   # rendered as the QLoRA toggle
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input: ``path`` is its place in the spec (``hyperparameters.lora_r``), the error key the API uses."""
+
+    path: str
+    label: str
+    kind: Kind
+    default: Any
+    help: str
+    optional: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    choices: tuple[str, ...] = ()
+    required: bool = False
+    pattern: str | None = None        # a regular expression the whole value must match
+    max_length: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def input_id(self) -> str:
+        return "f-" + self.path.replace(".", "-").replace("_", "-")
+
+    @property
+    def bounds(self) -> str:
+        """'1 – 1000', '> 0, ≤ 1', '≥ 1'; empty when unbounded."""
+        if self.minimum is None and self.maximum is None:
+            return ""
+        low = None if self.minimum is None else _number(self.minimum)
+        high = None if self.maximum is None else _number(self.maximum)
+        if low is not None and high is not None and not self.min_exclusive and not self.max_exclusive:
+            return f"{low} – {high}"
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if self.min_exclusive else '≥'} {low}")
+        if high is not None:
+            parts.append(f"{'<' if self.max_exclusive else '≤'} {high}")
+        return ", ".join(parts)
+
+    @property
+    def html_min(self) -> str:
+        return "" if self.minimum is None else _number(self.minimum, plain=True)
+
+    @property
+    def html_max(self) -> str:
+        return "" if self.maximum is None else _number(self.maximum, plain=True)
+
+    @property
+    def html_default(self) -> str:
+        if self.default is None:
+            return ""
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        if isinstance(self.default, float):
+            return _number(self.default, plain=True)
+        return str(self.default)
+
+
+def _number(value: float, plain: bool = False) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value)) if plain else f"{int(value):,}".replace(",", " ")
+    return repr(float(value))
+
+
+def _label(name: str) -> str:
+    words = name.replace("_", " ")
+    special = {"lora r": "LoRA rank (r)", "lora alpha": "LoRA alpha", "lora dropout": "LoRA dropout",
+               "lr scheduler": "LR schedule", "max seq length": "Max sequence length", "num epochs": "Epochs",
+               "num gpus": "GPUs", "gpu type": "GPU type", "val split": "Validation split",
+               "max grad norm": "Max gradient norm", "gradient accumulation steps": "Gradient accumulation"}
+    return special.get(words, words[:1].upper() + words[1:])
+
+
+def _field(path: str, info: FieldInfo) -> FormField:
+    annotation = info.annotation
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    kind: Kind
+    choices: tuple[str, ...] = ()
+    if typing.get_origin(annotation) is Literal:
+        kind, choices = "choice", tuple(str(a) for a in args)
+    elif annotation is bool:
+        kind = "bool"
+    elif annotation is int or (optional and int in args):
+        kind = "int"
+    elif annotation is float:
+        kind = "float"
+    else:
+        kind = "text"   # strings, and target_modules ('all-linear' or a comma-separated list)
+    bounds: dict[str, Any] = {}
+    for rule in info.metadata:
+        if isinstance(rule, annotated_types.Ge):
+            bounds["minimum"] = rule.ge
+        elif isinstance(rule, annotated_types.Gt):
+            bounds.update(minimum=rule.gt, min_exclusive=True)
+        elif isinstance(rule, annotated_types.Le):
+            bounds["maximum"] = rule.le
+        elif isinstance(rule, annotated_types.Lt):
+            bounds.update(maximum=rule.lt, max_exclusive=True)
+        elif isinstance(rule, annotated_types.MaxLen):
+            bounds["max_length"] = rule.max_length
+        elif getattr(rule, "pattern", None):
+            bounds["pattern"] = rule.pattern
+    required = info.is_required()
+    default = None if required else info.get_default(call_default_factory=True)
+    return FormField(path=path, label=_label(path.rsplit(".", 1)[-1]), kind=kind, default=default,
+                     help=info.description or "", optional=optional, choices=choices, required=required, **bounds)
+
+
+@dataclass(frozen=True)
+class JobForm:
+    top: dict[str, FormField]          # name, dataset_format, trust_remote_code
+    main: list[FormField]              # the hyperparameters a preset changes most
+    quantization: FormField
+    advanced: list[FormField]          # every other hyperparameter
+    gpu: list[FormField]               # num_gpus, gpu_type
+
+
+def job_form() -> JobForm:
+    hyper = {name: _field(f"hyperparameters.{name}", info) for name, info in Hyperparameters.model_fields.items()}
+    top = {name: _field(name, JobSpec.model_fields[name]) for name in ("name", "dataset_format", "trust_remote_code")}
+    return JobForm(
+        top=top,
+        main=[hyper[name] for name in MAIN_FIELDS],
+        quantization=hyper[QUANTIZATION_FIELD],
+        advanced=[f for name, f in hyper.items() if name not in MAIN_FIELDS and name != QUANTIZATION_FIELD],
+        gpu=[_field(f"gpu_config.{name}", info) for name, info in GpuConfig.model_fields.items()],
+    )
+
+
+# Presets: hyperparameters only (model, dataset, GPUs and QLoRA stay as chosen). Each must validate as
+# Hyperparameters; tests/web/test_forms.py checks that.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "label": "Quick",
+        "summary": "One epoch at rank 8: a first result to look at.",
+        "hyperparameters": {"num_epochs": 1, "max_steps": None, "learning_rate": 3.0e-4, "batch_size": 4,
+                            "gradient_accumulation_steps": 2, "max_seq_length": 1024, "lora_r": 8, "lora_alpha": 16,
+                            "lora_dropout": 0.05, "warmup_ratio": 0.03, "val_split": 0.05, "eval_steps": 50,
+                            "save_steps": 100},
+    },
+    "balanced": {
+        "label": "Balanced",
+        "summary": "Three epochs at rank 16: the defaults, good for most datasets.",
+        "hyperparameters": {"num_epochs": 3, "max_steps": None, "learning_rate": 2.0e-4, "batch_size": 4,
+                            "gradient_accumulation_steps": 4, "max_seq_length": 2048, "lora_r": 16, "lora_alpha": 32,
+                            "lora_dropout": 0.05, "warmup_ratio": 0.03, "val_split": 0.05, "eval_steps": 50,
+                            "save_steps": 100},
+    },
+    "thorough": {
+        "label": "Thorough",
+        "summary": "Five epochs at rank 32 with a lower rate and longer sequences.",
+        "hyperparameters": {"num_epochs": 5, "max_steps": None, "learning_rate": 1.0e-4, "batch_size": 4,
+                            "gradient_accumulation_steps": 8, "max_seq_length": 4096, "lora_r": 32, "lora_alpha": 64,
+                            "lora_dropout": 0.1, "warmup_ratio": 0.05, "val_split": 0.1, "eval_steps": 25,
+                            "save_steps": 50},
+    },
+}
+DEFAULT_PRESET = "balanced"

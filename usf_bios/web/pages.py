@@ -1,0 +1,70 @@
+"""The dashboard's pages. Each is a shell: it names what to show (a job id, a dataset reference) and the
+browser loads the data itself with the caller's key, so a page never holds another key's data."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from usf_bios.datasets.formats import FORMATS
+from usf_bios.web.forms import DEFAULT_PRESET, PRESETS, job_form
+from usf_bios.web.render import render_page
+
+router = APIRouter(include_in_schema=False)
+MAX_COMPARED = 8
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request) -> HTMLResponse:
+    return render_page(request, "home.html", "home", "Home")
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs(request: Request) -> HTMLResponse:
+    return render_page(request, "jobs.html", "jobs", "Jobs")
+
+
+@router.get("/jobs/new", response_class=HTMLResponse)
+def new_job(request: Request, model: str = "", dataset: str = "") -> HTMLResponse:
+    return render_page(request, "new_job.html", "jobs", "New job", form=job_form(), presets=PRESETS,
+                       default_preset=DEFAULT_PRESET, chosen={"model": model, "dataset": dataset})
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job(request: Request, job_id: str) -> HTMLResponse:
+    return render_page(request, "job.html", "jobs", "Job", job_id=job_id)
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets(request: Request) -> HTMLResponse:
+    return render_page(request, "datasets.html", "datasets", "Datasets", formats=("auto", *FORMATS))
+
+
+@router.get("/datasets/{ref}", response_class=HTMLResponse)
+def dataset(request: Request, ref: str) -> HTMLResponse:
+    return render_page(request, "dataset.html", "datasets", "Dataset", ref=ref)
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models(request: Request) -> HTMLResponse:
+    return render_page(request, "models.html", "models", "Models")
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare(request: Request, jobs: Annotated[list[str], Query()] = []) -> HTMLResponse:  # noqa: B006
+    """``?jobs=a&jobs=b`` or ``?jobs=a,b``: the runs to overlay."""
+    chosen = [j for part in jobs for j in part.split(",") if j.strip()]
+    return render_page(request, "compare.html", "compare", "Compare runs",
+                       chosen=list(dict.fromkeys(chosen))[:MAX_COMPARED], max_compared=MAX_COMPARED)
+
+
+@router.get("/keys", response_class=HTMLResponse)
+def keys(request: Request) -> HTMLResponse:
+    return render_page(request, "keys.html", "keys", "API keys")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> RedirectResponse:
+    return RedirectResponse("/static/favicon.svg", status_code=301)

@@ -1,0 +1,90 @@
+// Models: register a folder or a cache entry, scan the model folders.
+
+import { api, el, formatCount, notify } from "./app.js";
+
+const form = document.getElementById("register-form");
+const source = document.getElementById("model-source");
+const formError = document.getElementById("register-error");
+const refresh = () => document.body.dispatchEvent(new CustomEvent("usf:refresh"));
+
+const inputs = { name: "model-name", path: "model-path", repo_id: "model-repo" };
+
+function clearErrors() {
+  formError.hidden = true;
+  for (const id of Object.values(inputs)) {
+    document.getElementById(id).removeAttribute("aria-invalid");
+    document.getElementById(`${id}-error`).textContent = "";
+  }
+}
+
+function showErrors(error) {
+  let placed = false;
+  for (const { field, message } of error.errors) {
+    const id = inputs[field];
+    if (id) {
+      document.getElementById(id).setAttribute("aria-invalid", "true");
+      document.getElementById(`${id}-error`).textContent = message;
+      placed = true;
+    }
+  }
+  if (!placed) {
+    formError.textContent = error.message;
+    formError.hidden = false;
+  }
+}
+
+source.addEventListener("change", () => {
+  const local = source.value === "local";
+  document.getElementById("path-field").hidden = !local;
+  document.getElementById("repo-field").hidden = local;
+});
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearErrors();
+  const body = { name: document.getElementById("model-name").value.trim(), source: source.value };
+  if (source.value === "local") body.path = document.getElementById("model-path").value.trim();
+  else body.repo_id = document.getElementById("model-repo").value.trim();
+  const missing = [["name", body.name], ...(source.value === "local" ? [["path", body.path]] : [["repo_id", body.repo_id]])]
+    .filter(([, value]) => !value).map(([field]) => ({ field, message: "required" }));
+  if (missing.length) {
+    showErrors({ errors: missing, message: "" });
+    return;
+  }
+  const button = document.getElementById("register-submit");
+  button.disabled = true;
+  try {
+    const model = await api("/models", { method: "POST", json: body });
+    notify(`Registered ${model.name}: ${formatCount(model.parameters)} parameters.`);
+    form.reset();
+    source.dispatchEvent(new Event("change"));
+    refresh();
+  } catch (error) {
+    showErrors(error);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+document.getElementById("scan-models").addEventListener("click", async (event) => {
+  const button = event.currentTarget;
+  const box = document.getElementById("scan-result");
+  button.disabled = true;
+  try {
+    const result = await api("/models/scan", { method: "POST" });
+    const found = result.registered.length
+      ? `Registered ${result.registered.map((m) => m.name).join(", ")}.`
+      : "No new model found.";
+    box.replaceChildren(el("p", {}, found));
+    if (result.skipped.length) {
+      box.append(el("details", {}, el("summary", {}, `${result.skipped.length} folder(s) skipped`),
+        el("ul", { class: "small" }, result.skipped.map((s) => el("li", {}, el("code", {}, s.path), ` — ${s.reason}`)))));
+    }
+    box.hidden = false;
+    refresh();
+  } catch (error) {
+    notify(error.message, "error");
+  } finally {
+    button.disabled = false;
+  }
+});

@@ -1,0 +1,237 @@
+// New job: model and dataset pickers, presets, the QLoRA toggle, a live estimate as fields change, and
+// errors beside the field they belong to (checked here against the spec's bounds, then by the server).
+
+import { api, el, formatCount, formatDuration } from "./app.js";
+
+const form = document.getElementById("job-form");  // (form.dataset is its <select name="dataset">)
+const settings = document.getElementById("new-job").dataset;
+const presets = JSON.parse(settings.presets);
+const modelSelect = document.getElementById("f-base-model");
+const datasetSelect = document.getElementById("f-dataset");
+const nameInput = document.getElementById("f-name");
+const qlora = document.getElementById("f-qlora");
+const quantization = document.getElementById("f-hyperparameters-quantization");
+const estimateBox = document.getElementById("estimate");
+const NAME_PLACEHOLDER = "estimate";
+let estimateRequest = null;
+let debounce = null;
+let nameEdited = false;
+
+// ---- fields -----------------------------------------------------------------------------------------
+const inputs = () => [...form.querySelectorAll("[name]")].filter((i) => i.name !== "preset");
+
+function fieldBox(path) {
+  return form.querySelector(`[data-path="${CSS.escape(path)}"]`);
+}
+
+function setFieldError(path, message) {
+  const box = fieldBox(path);
+  if (!box) return false;
+  const slot = box.querySelector(".field-error");
+  const input = box.querySelector("input:not([type=checkbox]), select") || box.querySelector("input");
+  slot.textContent = message;
+  if (input) {
+    if (message) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  }
+  if (message && box.closest("details") && !box.closest("details").open) box.closest("details").open = true;
+  return true;
+}
+
+/** The first fault of one input against the bounds the spec gives it ('' when fine). */
+function checkInput(input) {
+  const { kind } = input.dataset;
+  const raw = input.value.trim();
+  if (input.name === "base_model" || input.name === "dataset") return raw ? "" : "required";
+  if (kind === "text") {
+    if (input.required && !raw) return "required";
+    if (input.dataset.pattern && raw && !new RegExp(input.dataset.pattern).test(raw)) {
+      return "may hold only letters, digits, '.', '_' and '-', starting with a letter or digit";
+    }
+    return "";
+  }
+  if (kind !== "int" && kind !== "float") return "";
+  if (!raw) return input.dataset.optional ? "" : "required";
+  const value = Number(raw);
+  if (!Number.isFinite(value)) return "must be a number";
+  if (kind === "int" && !Number.isInteger(value)) return "must be a whole number";
+  const { min, max, minExclusive, maxExclusive } = input.dataset;
+  if (min !== undefined && (minExclusive ? value <= Number(min) : value < Number(min))) return `must be ${minExclusive ? ">" : "≥"} ${min}`;
+  if (max !== undefined && (maxExclusive ? value >= Number(max) : value > Number(max))) return `must be ${maxExclusive ? "<" : "≤"} ${max}`;
+  return "";
+}
+
+function checkAll() {
+  let ok = true;
+  for (const input of inputs()) {
+    if (input.disabled) continue;
+    const message = checkInput(input);
+    setFieldError(input.name, message);
+    if (message) ok = false;
+  }
+  return ok;
+}
+
+function valueOf(input) {
+  const { kind } = input.dataset;
+  const raw = input.value.trim();
+  if (kind === "bool") return input.checked;
+  if (kind === "int" || kind === "float") return raw === "" ? null : Number(raw);
+  if (input.name === "hyperparameters.target_modules" && raw !== "all-linear") {
+    return raw.split(",").map((m) => m.trim()).filter(Boolean);
+  }
+  return raw;
+}
+
+/** The job spec the form describes, as POST /api/jobs takes it. */
+function buildSpec() {
+  const spec = { hyperparameters: {}, gpu_config: {} };
+  for (const input of inputs()) {
+    if (input.disabled) continue;
+    const parts = input.name.split(".");
+    const target = parts.length === 2 ? spec[parts[0]] : spec;
+    target[parts[parts.length - 1]] = valueOf(input);
+  }
+  spec.hyperparameters.quantization = qlora.checked ? quantization.value : "none";
+  return spec;
+}
+
+// ---- presets ----------------------------------------------------------------------------------------
+function applyPreset(key) {
+  const preset = presets[key];
+  if (!preset) return;
+  for (const [name, value] of Object.entries(preset.hyperparameters)) {
+    const input = form.querySelector(`[name="hyperparameters.${name}"]`);
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = Boolean(value);
+    else input.value = value === null ? "" : String(value);
+  }
+  document.getElementById("preset-summary").textContent = `${preset.label}: ${preset.summary}`;
+}
+
+// ---- estimate ---------------------------------------------------------------------------------------
+function showEstimate(estimate) {
+  const set = (id, text) => { document.getElementById(id).textContent = text; };
+  set("est-time", formatDuration(estimate.estimated_seconds));
+  set("est-vram", estimate.peak_vram_gb === null ? "— (CPU)" : `${estimate.peak_vram_gb.toFixed(estimate.peak_vram_gb < 10 ? 2 : 1)} GB`);
+  set("est-cost", estimate.price_per_gpu_hour ? `$${estimate.cost.toFixed(2)} at $${estimate.price_per_gpu_hour}/GPU-h` : "$0.00");
+  set("est-steps", estimate.steps.toLocaleString());
+  set("est-tokens", formatCount(estimate.trained_tokens));
+  set("est-lora", formatCount(estimate.lora_parameters));
+  set("est-assumptions", estimate.assumptions || "");
+}
+
+function placeServerErrors(error) {
+  if (error.errors.length) {
+    let placed = 0;
+    for (const { field, message } of error.errors) if (setFieldError(field, message)) placed += 1;
+    return placed > 0;
+  }
+  const match = /^([\w.]+): (.*)$/s.exec(error.message);   // 'base_model: no registered model …'
+  return Boolean(match && setFieldError(match[1], match[2]));
+}
+
+async function estimate() {
+  const state = document.getElementById("estimate-state");
+  if (!modelSelect.value || !datasetSelect.value) {
+    state.textContent = "Choose a model and a dataset.";
+    return;
+  }
+  if (!checkAll()) {
+    state.textContent = "Fix the highlighted fields to see an estimate.";
+    return;
+  }
+  const spec = buildSpec();
+  if (!spec.name) spec.name = NAME_PLACEHOLDER;
+  estimateRequest?.abort();
+  estimateRequest = new AbortController();
+  estimateBox.classList.add("busy");
+  state.textContent = "Estimating…";
+  try {
+    showEstimate(await api("/jobs/estimate", { method: "POST", json: spec, signal: estimateRequest.signal }));
+    state.textContent = "Updates as you change the fields.";
+    estimateBox.dataset.ready = "true";
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    state.textContent = placeServerErrors(error) ? "Fix the highlighted fields to see an estimate." : `No estimate: ${error.message}`;
+  } finally {
+    estimateBox.classList.remove("busy");
+  }
+}
+
+function scheduleEstimate() {
+  clearTimeout(debounce);
+  debounce = setTimeout(estimate, 400);
+}
+
+// ---- pickers ----------------------------------------------------------------------------------------
+function fill(select, rows, chosen, label) {
+  select.replaceChildren(el("option", { value: "" }, rows.length ? `Choose a ${label}` : `No ${label} yet`),
+    ...rows.map((row) => el("option", { value: row.id, dataset: { name: row.name } }, row.name)));
+  const pick = rows.find((r) => r.id === chosen || r.name === chosen) || (rows.length === 1 ? rows[0] : null);
+  if (pick) select.value = pick.id;
+}
+
+function suggestName() {
+  if (nameEdited || !datasetSelect.value) return;
+  const dataset = datasetSelect.selectedOptions[0].dataset.name || "job";
+  const stem = dataset.replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 80) || "job";
+  nameInput.value = `${stem}-lora`;
+  setFieldError("name", "");
+}
+
+async function loadChoices() {
+  try {
+    const [models, datasets] = await Promise.all([api("/models"), api("/datasets")]);
+    fill(modelSelect, models.filter((m) => m.valid), settings.chosenModel, "model");
+    fill(datasetSelect, datasets, settings.chosenDataset, "dataset");
+    suggestName();
+    scheduleEstimate();
+  } catch (error) {
+    const box = document.getElementById("form-error");
+    box.textContent = `Models and datasets cannot be listed: ${error.message}`;
+    box.hidden = false;
+  }
+}
+
+// ---- events -----------------------------------------------------------------------------------------
+form.addEventListener("input", (event) => {
+  const input = event.target;
+  if (input.name === "preset") return;
+  if (input === nameInput) nameEdited = true;
+  if (input.name) setFieldError(input.name, checkInput(input));
+  scheduleEstimate();
+});
+form.addEventListener("change", (event) => {
+  const input = event.target;
+  if (input.name === "preset") applyPreset(input.value);
+  if (input === datasetSelect) suggestName();
+  if (input === qlora) quantization.disabled = !qlora.checked;
+  scheduleEstimate();
+});
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const formError = document.getElementById("form-error");
+  formError.hidden = true;
+  if (!checkAll()) {
+    form.querySelector("[aria-invalid=true]")?.focus();
+    return;
+  }
+  const button = document.getElementById("start-job");
+  button.disabled = true;
+  try {
+    const job = await api("/jobs", { method: "POST", json: buildSpec() });
+    window.location.assign(`/jobs/${encodeURIComponent(job.id)}`);
+  } catch (error) {
+    if (!placeServerErrors(error)) {
+      formError.textContent = error.message;
+      formError.hidden = false;
+    }
+    form.querySelector("[aria-invalid=true]")?.focus();
+    button.disabled = false;
+  }
+});
+
+applyPreset(form.querySelector('input[name="preset"]:checked')?.value || settings.defaultPreset);
+loadChoices();
