@@ -3,12 +3,13 @@ completion from the home page, two runs compared, a run followed across a server
 
 from __future__ import annotations
 
+import os
 import re
 import signal
-import time
 
 from playwright.sync_api import expect
 
+from tests.api import test_restart
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, write_jsonl
 
@@ -157,3 +158,38 @@ def test_compare_two_runs(server, page, tiny_model_template, tmp_path):
     page.locator(f'#job-picker input[value="{fast["id"]}"]').uncheck()
     expect(chart).to_have_attribute("data-series", "1")
     assert fast["id"] not in page.url and slow["id"] in page.url
+
+
+def test_the_chart_follows_a_job_across_a_server_restart(make_server, open_page, console, tiny_model_template, tmp_path):
+    console.allow(r"net::ERR_|Failed to fetch")   # the page's requests while no server listens
+    first = make_server().start()
+    client = ready_server(first, tiny_model_template, tmp_path)
+    steps = 200
+    job = submit(client, job_spec("tiny", "chat", name="restarted", max_steps=steps, save_steps=50, eval_steps=100))
+    page = open_page(first.url)
+    page.goto(f"/jobs/{job['id']}")
+    chart = page.locator("#loss-chart")
+    expect(chart).to_have_attribute("data-points", re.compile(r"^([2-9]\d|\d{3})$"), timeout=120_000)   # ≥ 20
+    expect(page.locator("#live")).to_be_visible()
+
+    # the engine runs on in its own session; it is paused meanwhile so the restart is surely mid-run
+    [engine] = test_restart.engine_pids(job["id"])
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        first.stop(signal.SIGKILL)
+        expect(page.locator("#live")).to_be_hidden()
+        stalled = int(chart.get_attribute("data-points"))
+        second = make_server()
+        second.port = first.port
+        second.start()
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    with second.client() as client:
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"
+        expect(page.locator("#live")).to_be_visible()
+        expect(page.locator("#job-status")).to_have_text("completed", timeout=180_000)
+        assert client.get(f"/jobs/{job['id']}").json()["attempts"] == 1     # followed again, not restarted
+    expect(chart).to_have_attribute("data-points", str(steps))
+    expect(chart).to_have_attribute("data-first-step", "1")
+    expect(chart).to_have_attribute("data-last-step", str(steps))
+    assert stalled < steps

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import annotated_types
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from usf_bios.spec import GpuConfig, Hyperparameters, JobSpec
+from usf_bios.spec import Hyperparameters, JobSpec
 
 Kind = Literal["int", "float", "bool", "choice", "text"]
 
@@ -134,23 +135,58 @@ def _field(path: str, info: FieldInfo) -> FormField:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A group of the spec (``gpu_config``, ``performance``, …) shown as its own card."""
+
+    key: str
+    title: str
+    help: str
+    fields: list[FormField]
+
+
+@dataclass(frozen=True)
 class JobForm:
     top: dict[str, FormField]          # name, dataset_format, trust_remote_code
     main: list[FormField]              # the hyperparameters a preset changes most
     quantization: FormField
     advanced: list[FormField]          # every other hyperparameter
-    gpu: list[FormField]               # num_gpus, gpu_type
+    sections: list[Section]            # every other group of the spec: hardware first
+
+    def paths(self) -> set[str]:
+        """Every spec path the form has an input for (base_model and dataset are the pickers)."""
+        fields = [*self.top.values(), *self.main, self.quantization, *self.advanced,
+                  *(f for section in self.sections for f in section.fields)]
+        return {f.path for f in fields} | {"base_model", "dataset"}
+
+
+SECTION_TITLES = {"gpu_config": "Hardware"}
+PICKED = ("base_model", "dataset")   # chosen from the registered models and datasets, not typed
+
+
+def _group(name: str) -> type[BaseModel] | None:
+    annotation = JobSpec.model_fields[name].annotation
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def job_form() -> JobForm:
     hyper = {name: _field(f"hyperparameters.{name}", info) for name, info in Hyperparameters.model_fields.items()}
-    top = {name: _field(name, JobSpec.model_fields[name]) for name in ("name", "dataset_format", "trust_remote_code")}
+    top = {name: _field(name, info) for name, info in JobSpec.model_fields.items()
+           if name not in PICKED and _group(name) is None}
+    groups = [name for name in JobSpec.model_fields if name != "hyperparameters" and _group(name) is not None]
+    groups.sort(key=lambda name: name != "gpu_config")
+    sections = []
+    for name in groups:
+        model = _group(name)
+        assert model is not None
+        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        sections.append(Section(key=name, title=SECTION_TITLES.get(name, _label(name)), help=doc,
+                                fields=[_field(f"{name}.{field}", info) for field, info in model.model_fields.items()]))
     return JobForm(
         top=top,
         main=[hyper[name] for name in MAIN_FIELDS],
         quantization=hyper[QUANTIZATION_FIELD],
         advanced=[f for name, f in hyper.items() if name not in MAIN_FIELDS and name != QUANTIZATION_FIELD],
-        gpu=[_field(f"gpu_config.{name}", info) for name, info in GpuConfig.model_fields.items()],
+        sections=sections,
     )
 
 

@@ -85,11 +85,12 @@ function valueOf(input) {
 
 /** The job spec the form describes, as POST /api/jobs takes it. */
 function buildSpec() {
-  const spec = { hyperparameters: {}, gpu_config: {} };
+  const spec = {};
   for (const input of inputs()) {
     if (input.disabled) continue;
     const parts = input.name.split(".");
-    const target = parts.length === 2 ? spec[parts[0]] : spec;
+    let target = spec;
+    for (const part of parts.slice(0, -1)) target = target[part] ??= {};
     target[parts[parts.length - 1]] = valueOf(input);
   }
   spec.hyperparameters.quantization = qlora.checked ? quantization.value : "none";
