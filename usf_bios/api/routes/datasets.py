@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from array import array
 import shutil
 import threading
 from datetime import datetime
@@ -29,8 +30,8 @@ router = APIRouter(tags=["datasets"])
 
 HISTOGRAM_BINS = 20
 _NAME = re.compile(r"^[\w-][\w. -]{0,199}$")
-_STATS_CACHE: dict[tuple[str, str, int], dict[str, Any]] = {}
-_STATS_CACHE_SIZE = 64
+_LENGTHS_CACHE: dict[tuple[str, str], array] = {}   # (dataset sha256, model folder) → sorted token lengths
+_LENGTHS_CACHE_SIZE = 16
 _STATS_LOCK = threading.Lock()
 
 
@@ -216,27 +217,35 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dic
     return [{"start": low + i * width, "end": low + (i + 1) * width, "count": c} for i, c in enumerate(counts)]
 
 
-def compute_token_stats(entry: DatasetEntry, model: ModelEntry, max_seq_length: int) -> dict[str, Any]:
-    """Token stats and a length histogram under the model's tokenizer, cached per (file, model, length)."""
-    from usf_bios.datasets.stats import stats_from_lengths, token_lengths
+def cached_token_lengths(entry: DatasetEntry, model: ModelEntry) -> array:
+    """Every example's token length under the model's tokenizer, sorted; cached per (file, model), so a new
+    max_seq_length (the dashboard's truncation slider) costs no tokenization."""
+    from usf_bios.datasets.stats import token_lengths
     from usf_bios.engine.model import load_tokenizer
     from usf_bios.models.sources import ResolvedModel
 
-    key = (entry.sha256, str(Path(model.path).resolve()), max_seq_length)
+    key = (entry.sha256, str(Path(model.path).resolve()))
     with _STATS_LOCK:
-        if key in _STATS_CACHE:
-            return _STATS_CACHE[key]
+        if key in _LENGTHS_CACHE:
+            return _LENGTHS_CACHE[key]
     tokenizer = load_tokenizer(ResolvedModel(model.name, Path(model.path), model.source), trust_remote_code=False)
     examples = load_dataset(entry.path, entry.format).examples  # type: ignore[arg-type]
-    lengths = token_lengths(examples, tokenizer)
-    stats = stats_from_lengths(lengths, max_seq_length)
-    result = {"token_stats": {k: getattr(stats, k) for k in TokenStatsPublic.model_fields},
-              "length_histogram": length_histogram(lengths)}
+    lengths = array("l", sorted(token_lengths(examples, tokenizer)))
     with _STATS_LOCK:
-        while len(_STATS_CACHE) >= _STATS_CACHE_SIZE:
-            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
-        _STATS_CACHE[key] = result
-    return result
+        while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
+            _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)))
+        _LENGTHS_CACHE[key] = lengths
+    return lengths
+
+
+def compute_token_stats(entry: DatasetEntry, model: ModelEntry, max_seq_length: int) -> dict[str, Any]:
+    """Token stats at ``max_seq_length`` and a length histogram under the model's tokenizer."""
+    from usf_bios.datasets.stats import stats_from_lengths
+
+    lengths = list(cached_token_lengths(entry, model))
+    stats = stats_from_lengths(lengths, max_seq_length)
+    return {"token_stats": {k: getattr(stats, k) for k in TokenStatsPublic.model_fields},
+            "length_histogram": length_histogram(lengths)}
 
 
 def dataset_detail(session: Session, caller: Caller, entry: DatasetEntry, model_ref: str | None,
