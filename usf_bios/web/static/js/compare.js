@@ -15,6 +15,7 @@ const runs = new Map();          // job id → {job, metrics}
 let chosen = JSON.parse(root.dataset.chosen);
 let chart = null;
 
+const GROUP_TITLES = { job: "Job", hyperparameters: "Hyperparameters", gpu_config: "Hardware", performance: "Performance" };
 const colorOf = (id) => PALETTE[chosen.indexOf(id) % PALETTE.length];
 
 const FINAL = new Set(["completed", "failed", "cancelled"]);
@@ -142,17 +143,24 @@ function renderTable(loaded) {
   const row = (key, cells, flag) => {
     const differs = flag && new Set(cells.map((c) => JSON.stringify(c ?? null))).size > 1;
     return el("tr", { class: flag ? (differs ? "differs" : "same") : "", dataset: { key } },
-      el("th", { scope: "row", class: "key" }, key),
+      el("th", { scope: "row", class: "key", title: key }, key.includes(".") ? key.slice(key.indexOf(".") + 1) : key),
       ...cells.map((c) => el("td", {}, c === null || c === undefined ? "—" : String(c))));
   };
   const outcome = loaded.map(results);
   const settings = loaded.map(({ job }) => flatten({ ...job.spec, name: undefined }));
   const keys = [...new Set(settings.flatMap((s) => Object.keys(s)))].filter((k) => k !== "name");
+  const groups = new Map();       // 'hyperparameters' → its keys; top-level keys go under 'job'
+  for (const key of keys) {
+    const group = key.includes(".") ? key.slice(0, key.indexOf(".")) : "job";
+    groups.set(group, [...(groups.get(group) || []), key]);
+  }
   const body = el("tbody", {},
     section("Results"),
     ...Object.keys(outcome[0]).map((key) => row(key, outcome.map((o) => o[key]), false)),
-    section("Settings"),
-    ...keys.map((key) => row(key, settings.map((s) => s[key]), true)));
+    ...[...groups].flatMap(([group, members]) => [
+      section(GROUP_TITLES[group] || group.replace(/_/g, " ")),
+      ...members.map((key) => row(key, settings.map((s) => s[key]), true)),
+    ]));
   table.replaceChildren(head, body);
   table.classList.toggle("only-diff", onlyDiff.checked);
 }
