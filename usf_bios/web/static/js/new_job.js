@@ -115,7 +115,8 @@ function showEstimate(estimate) {
   const set = (id, text) => { document.getElementById(id).textContent = text; };
   set("est-time", formatDuration(estimate.estimated_seconds));
   set("est-vram", estimate.peak_vram_gb === null ? "— (CPU)" : `${estimate.peak_vram_gb.toFixed(estimate.peak_vram_gb < 10 ? 2 : 1)} GB`);
-  set("est-cost", estimate.price_per_gpu_hour ? `$${estimate.cost.toFixed(2)} at $${estimate.price_per_gpu_hour}/GPU-h` : "$0.00");
+  const cost = estimate.cost > 0 && estimate.cost < 0.01 ? "< $0.01" : `$${estimate.cost.toFixed(2)}`;
+  set("est-cost", estimate.price_per_gpu_hour ? `${cost} at $${estimate.price_per_gpu_hour}/GPU-h` : "$0.00");
   set("est-steps", estimate.steps.toLocaleString());
   set("est-tokens", formatCount(estimate.trained_tokens));
   set("est-lora", formatCount(estimate.lora_parameters));
