@@ -61,6 +61,18 @@ def assert_close_bf16(a, b, bound=2e-2):
         assert error < bound, f"{name}: relative error {error:.4f}"
 
 
+@pytest.fixture(autouse=True)
+def restore_llama_module():
+    """Liger swaps RoPE, RMSNorm and the MLP in transformers' Llama module for the whole process (the engine runs one
+    job per process); put them back so later tests, on the CPU too, get the model's own layers."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for name, value in saved.items():
+        setattr(modeling_llama, name, value)
+
+
 @pytest.fixture(scope="module")
 def reference():
     return loss_and_grads(PLAIN)

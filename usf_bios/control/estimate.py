@@ -1,10 +1,16 @@
 """What a job will cost before it runs: tokens, steps, time, peak GPU memory and money.
 
-Time = trained tokens × FLOPs per token ÷ (the GPU's dense bf16 peak × an assumed utilisation).
-LoRA needs 4·N FLOPs per token (forward 2N, backward through the frozen weights 2N, no weight
-gradients), 6·N with gradient checkpointing (the forward again). N = the base model's parameters.
-Until `usf-bios bench` measurements replace them, the utilisation figures below are assumptions,
-and the CPU figure is what SmolLM2-135M reached on 2 cores here (~65 GFLOP/s effective).
+The figures come from `usf-bios bench` on the H100 (docs/benchmarks/nvidia-h100-80gb-hbm3-2026-11-23.json;
+tests/control/test_estimate.py holds the estimate to those measurements):
+
+- Time = trained tokens × 4·N FLOPs ÷ (the GPU's dense bf16 peak × the MFU our engine measured), MFU counted
+  as in the bench (4·N per token, recomputation not counted, so its cost is inside the measured MFU). The MFU
+  grows with the model (small models are bound by kernel launches): it is interpolated in log N between the
+  measured SmolLM2-135M and Llama-3.1-8B / Qwen2.5-7B points. Other GPUs: the H100's MFU × their peak.
+- Peak memory = weights (embeddings and output layer stay 16-bit under quantization) + LoRA weights with their
+  gradients and AdamW state + what the decoder layers keep for the backward pass (the engine's own per-token
+  estimate, ``engine.speed.activation_bytes_per_token``, and its choice of layers to recompute) + the loss slices.
+- The CPU figure is what SmolLM2-135M reached on 2 cores here (~65 GFLOP/s effective).
 """
 
 from __future__ import annotations
@@ -17,9 +23,26 @@ from pathlib import Path
 from usf_bios.spec import JobSpec
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "T4": 65.0}
-ASSUMED_MFU = 0.35
+GPU_MEMORY_GIB = {"H100": 79.2, "H200": 139.8, "A100": 79.2, "L40S": 44.4, "A10G": 22.0, "T4": 14.6}
+# (parameters, measured MFU) of our engine on the H100, bf16 LoRA, 4096-token rows
+MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.3668), (8_030_261_248, 0.3666))
+MEASURED_QLORA_MFU_RATIO = 0.2027 / 0.3666   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA
 CPU_EFFECTIVE_TFLOPS = 0.065
-BYTES_PER_WEIGHT = {"none": 2.0, "4bit": 0.56, "8bit": 1.06}
+BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
+
+
+def measured_mfu(parameters: int, quantization: str) -> float:
+    """Our engine's MFU on the H100 for a model of this size, from the bench measurements."""
+    points = MEASURED_LORA_MFU
+    x = math.log(max(parameters, 1))
+    (n0, m0), (n1, m1) = points[0], points[-1]
+    if x <= math.log(n0):
+        mfu = m0
+    elif x >= math.log(n1):
+        mfu = m1
+    else:
+        mfu = m0 + (m1 - m0) * (x - math.log(n0)) / (math.log(n1) - math.log(n0))
+    return mfu * (MEASURED_QLORA_MFU_RATIO if quantization != "none" else 1.0)
 
 
 @dataclass(frozen=True)
@@ -58,30 +81,55 @@ def lora_parameter_count(config: dict, r: int, target_modules: str | list[str]) 
     return per_layer * int(config.get("num_hidden_layers", 0))
 
 
-def _peak_tflops(gpu_type: str) -> float:
-    for key, value in PEAK_TFLOPS.items():
+def _lookup(table: dict[str, float], gpu_type: str) -> float:
+    for key, value in table.items():
         if key.lower() in gpu_type.lower():
             return value
-    return PEAK_TFLOPS["H100"]
+    return table["H100"]
 
 
-def _vram(spec: JobSpec, config: dict, parameters: int, lora: int) -> dict[str, float]:
-    hp = spec.hyperparameters
+def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> dict[str, float]:
+    from types import SimpleNamespace
+
+    from usf_bios.engine.loss import CHUNK_ELEMENTS
+    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute
+
+    hp, perf = spec.hyperparameters, spec.performance
+    gib = 2**30
     h = int(config.get("hidden_size", 0))
     layers = int(config.get("num_hidden_layers", 0))
     vocab = int(config.get("vocab_size", 0))
     tokens = hp.batch_size * hp.max_seq_length
-    gib = 2**30
-    if hp.gradient_checkpointing:
-        activations = (layers * tokens * h * 2 + tokens * h * 34) / gib
+    shape = SimpleNamespace(hidden_size=h, intermediate_size=int(config.get("intermediate_size", 4 * h)),
+                            num_attention_heads=int(config.get("num_attention_heads", 1)),
+                            num_key_value_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"))
+    planned = activation_bytes_per_token(shape, hp.lora_dropout)      # what the engine plans with (25% slack)
+    per_token = planned / 1.25
+    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    if hp.quantization == "none":
+        weights = parameters * 2
     else:
-        activations = layers * tokens * h * 34 / gib
+        weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
+    lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
+    one_layer, layer_input = tokens * per_token, tokens * h * 2
+    if not hp.gradient_checkpointing:
+        activations = layers * one_layer
+    elif perf.checkpointing == "offload":
+        activations = one_layer
+    elif perf.checkpointing == "all" or hp.quantization != "none" or spec.gpu_config.num_gpus == 0:
+        activations = layers * layer_input + one_layer
+    else:  # auto: the engine recomputes only the layers that do not fit
+        free = _lookup(GPU_MEMORY_GIB, gpu_type) * gib - weights - lora_bytes
+        k = layers_to_recompute(layers, tokens, planned, h * 2, int(free))
+        activations = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
+    full_logits = perf.loss == "full"
+    logit_rows = tokens if full_logits else min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1)))
     return {
-        "weights": round(parameters * BYTES_PER_WEIGHT[hp.quantization] / gib, 3),
-        "lora_and_optimizer": round(lora * 16 / gib, 3),
-        "activations": round(activations, 3),
-        "logits": round(tokens * vocab * 4 * 2 / gib, 3),
-        "cuda_overhead": 0.5,
+        "weights": round(weights / gib, 3),
+        "lora_and_optimizer": round(lora_bytes / gib, 3),
+        "activations": round(activations / gib, 3),
+        "logits": round(logit_rows * vocab * (8 if full_logits else 6) / gib, 3),
+        "cuda_overhead": round(min(HEADROOM_BYTES, 2**28 + weights // 100) / gib, 3),
     }
 
 
@@ -97,21 +145,23 @@ def estimate_job(spec: JobSpec, token_lengths: list[int], model_folder: Path, pa
     steps = hp.max_steps or steps_per_epoch * hp.num_epochs
     trained = round(tokens_per_epoch * steps / max(steps_per_epoch, 1))
     lora = lora_parameter_count(config, hp.lora_r, hp.target_modules)
-    flops_per_token = (6 if hp.gradient_checkpointing else 4) * parameters
     if gpus.num_gpus == 0:
-        rate, gpu_type, peak = CPU_EFFECTIVE_TFLOPS * 1e12, "cpu", None
+        gpu_type, peak = "cpu", False
+        seconds = trained * (6 if hp.gradient_checkpointing else 4) * parameters / (CPU_EFFECTIVE_TFLOPS * 1e12)
+        assumptions = f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token at 65 GFLOP/s (CPU, measured)"
     else:
-        rate, gpu_type = _peak_tflops(gpus.gpu_type) * 1e12 * ASSUMED_MFU * gpus.num_gpus, gpus.gpu_type
-        peak = True
-    seconds = trained * flops_per_token / rate
-    breakdown = _vram(spec, config, parameters, lora) if peak else {}
+        gpu_type, peak = gpus.gpu_type, True
+        mfu = measured_mfu(parameters, hp.quantization)
+        rate = _lookup(PEAK_TFLOPS, gpu_type) * 1e12 * mfu * gpus.num_gpus
+        seconds = trained * 4 * parameters / rate
+        assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
+                       "(our engine's MFU measured on the H100 by usf-bios bench)")
+    breakdown = _vram(spec, config, parameters, lora, gpu_type) if peak else {}
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
     return Estimate(
         examples=len(token_lengths), tokens_per_epoch=tokens_per_epoch, rows_per_epoch=rows, steps=steps,
         trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,
         cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 6), price_per_gpu_hour=price, gpu_type=gpu_type,
-        assumptions=(f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token; "
-                     + ("CPU at 65 GFLOP/s effective" if gpus.num_gpus == 0
-                        else f"{ASSUMED_MFU:.0%} of {_peak_tflops(gpus.gpu_type):.0f} TFLOP/s bf16 peak per GPU")),
+        assumptions=assumptions,
     )

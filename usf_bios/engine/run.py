@@ -26,7 +26,7 @@ from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, train
-from usf_bios.engine.model import apply_lora, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
+from usf_bios.engine.model import choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.speed import build_model, make_optimizer, resolve_plan
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model

@@ -1,0 +1,60 @@
+"""The estimate's time and memory come from the bench measurements in docs/benchmarks/ (and stay tied to them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from usf_bios.bench.configs import build_config, get_config, parameter_count
+from usf_bios.bench.synthetic import example_lengths
+from usf_bios.control.estimate import estimate_job, measured_mfu
+from usf_bios.spec import JobSpec
+
+REPORT = Path(__file__).resolve().parents[2] / "docs/benchmarks/nvidia-h100-80gb-hbm3-2026-11-23.json"
+
+
+def measured(config: str) -> dict:
+    rows = {row["config"]: row for row in json.loads(REPORT.read_text())["results"]}
+    return rows[config]
+
+
+def bench_like_estimate(tmp_path: Path, config: str, **performance) -> tuple[dict, float]:
+    cfg = get_config(config)
+    folder = tmp_path / cfg.model
+    folder.mkdir(parents=True)
+    build_config(cfg.model).to_json_file(folder / "config.json")
+    spec = JobSpec(name="e", base_model=cfg.model, dataset="d", performance=performance,
+                   gpu_config={"num_gpus": 1, "gpu_type": "H100"},
+                   hyperparameters={"batch_size": 1, "gradient_accumulation_steps": 4, "max_seq_length": cfg.seq_len,
+                                    "num_epochs": 1, "val_split": 0.0, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                                    "lora_dropout": 0.0, "quantization": cfg.quantization, "packing": True})
+    lengths = example_lengths(cfg.num_examples, cfg.seq_len, cfg.seed)
+    estimate = estimate_job(spec, lengths, folder, parameter_count(cfg.model), {"any": 2.0}).as_dict()
+    return estimate, estimate["trained_tokens"] / estimate["estimated_seconds"]
+
+
+@pytest.mark.parametrize("config", ["llama3.1-8b-lora-bf16-4096", "qwen2.5-7b-lora-bf16-4096",
+                                    "llama3.1-8b-qlora-nf4-4096"])
+def test_estimate_matches_what_the_bench_measured(tmp_path, config):
+    row = measured(config)
+    estimate, tokens_per_second = bench_like_estimate(tmp_path, config)
+    assert tokens_per_second == pytest.approx(row["tokens_per_second"], rel=0.05)
+    measured_gib = row["peak_memory_gb"] * 1e9 / 2**30
+    assert estimate["peak_vram_gb"] == pytest.approx(measured_gib, rel=0.15), estimate["vram_breakdown_gb"]
+    assert "measured on the H100" in estimate["assumptions"]
+
+
+def test_mfu_grows_with_the_model_between_the_measured_points():
+    small, middle, large = (measured_mfu(n, "none") for n in (134_515_008, 1_000_000_000, 8_030_261_248))
+    assert small < middle < large == pytest.approx(measured("llama3.1-8b-lora-bf16-4096")["mfu"], abs=0.001)
+    assert measured_mfu(8_030_261_248, "4bit") == pytest.approx(measured("llama3.1-8b-qlora-nf4-4096")["mfu"], abs=0.001)
+
+
+def test_recomputing_every_layer_or_offloading_lowers_the_estimated_memory(tmp_path):
+    auto, _ = bench_like_estimate(tmp_path / "a", "llama3.1-8b-lora-bf16-4096")
+    everything, _ = bench_like_estimate(tmp_path / "b", "llama3.1-8b-lora-bf16-4096", checkpointing="all")
+    offload, _ = bench_like_estimate(tmp_path / "c", "llama3.1-8b-lora-bf16-4096", checkpointing="offload")
+    full_logits, _ = bench_like_estimate(tmp_path / "d", "llama3.1-8b-lora-bf16-4096", loss="full")
+    assert offload["peak_vram_gb"] < everything["peak_vram_gb"] < auto["peak_vram_gb"] < full_logits["peak_vram_gb"]
