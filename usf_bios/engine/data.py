@@ -2,9 +2,10 @@
 
 Targets are shifted per example (``targets[t]`` is the token that position ``t`` predicts;
 an example's last position predicts nothing), so packed examples never predict across
-their boundary. Rows carry ``position_ids`` that restart at 0 for every example; the model
-is called without an attention mask, which makes transformers build a block-diagonal
-causal mask, so packed examples never attend to each other.
+their boundary. Rows carry ``position_ids`` that restart at 0 for every example and the examples' boundaries
+(``cu_seqlens``); the model is called without an attention mask, so either transformers builds a
+block-diagonal causal mask from the positions (``attention: sdpa``) or the varlen attention uses the
+boundaries (``attention: varlen``): packed examples never attend to each other.
 """
 
 from __future__ import annotations
