@@ -8,7 +8,7 @@ Times and token counts come from the loop's own metric events, so what is measur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,7 +42,7 @@ def _placement(model: Any, cfg: BenchConfig) -> Placement:
 
 
 def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, performance: Performance,
-             workdir: Path) -> tuple[Measurement, list[str]]:
+             workdir: Path, after_step: Callable[[int], None] | None = None) -> tuple[Measurement, list[str]]:
     """Train with the engine's loop; returns the measurement and the engine's notes (the speed plan it chose)."""
     examples = examples[:cfg.num_examples]
     data = TrainingData(examples, batch_size=1, max_seq_length=cfg.seq_len, packing=True, val_split=0.0,
@@ -70,7 +70,7 @@ def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, per
         torch.cuda.reset_peak_memory_stats()
     run = TrainingRun(model, optimizer, scheduler, data, placement, spec.hyperparameters,
                       TrainerState(total_steps=steps), events, workdir / "checkpoints", should_stop=lambda: False,
-                      plan=plan)
+                      plan=plan, after_step=after_step)
     try:
         train(run)
     finally:

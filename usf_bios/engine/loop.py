@@ -40,6 +40,7 @@ class TrainingRun:
     should_stop: Callable[[], bool]
     plan: SpeedPlan
     show_progress: bool = False
+    after_step: Callable[[int], None] | None = None   # called with the step number (the profiler steps with it)
 
 
 def batch_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
@@ -143,6 +144,8 @@ def train(run: TrainingRun) -> str:
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; lower learning_rate")
             progress.update(task, completed=state.step, loss=f"{mean_loss:.4f}")
+            if run.after_step is not None:
+                run.after_step(state.step)
             if run.data.val_rows and (state.step % hp.eval_steps == 0 or state.step == state.total_steps):
                 events.stage("evaluating")
                 validation_loss = evaluate(run)
