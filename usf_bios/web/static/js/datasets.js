@@ -77,5 +77,5 @@ form.addEventListener("submit", async (event) => {
   progress.hidden = true;
   if (status === 0) showError("The upload failed", "", "The server cannot be reached.");
   else showError(...describe(status, body));
-  errorBox.focus?.();
+  errorBox.focus();
 });
