@@ -25,12 +25,20 @@ def test_keys_page_asks_for_a_key_creates_and_revokes_and_fragments_stay_scoped(
         upload_dataset(admin, write_jsonl(tmp_path / "secret.jsonl", chat_rows(4)), name="admin-secret")
 
     page = open_page(server.url)
+    data = []            # (page, request) of every /api and /ui request either browser sends
+    unauthorized = []    # (page, url) of every 401 either browser gets
+    page.on("request", lambda r: data.append(("admin", r)) if "/api/" in r.url or "/ui/" in r.url else None)
+    page.on("response", lambda r: unauthorized.append(("admin", r.url)) if r.status == 401 else None)
+    # nothing is asked of the server without a key: the dialog comes first
     page.goto("/")
-    # nothing was asked of the server without a key: the dialog comes first
     expect(page.locator("#key-dialog")).to_be_visible()
-    expect(page.locator("#system")).to_contain_text("Loading")
+    page.wait_for_load_state("networkidle")
+    assert data == [], [r.url for _, r in data]
     enter_key(page, admin_key)
     expect(page.locator("#disk-free")).to_be_visible()
+    # from then on, every request carries the key
+    assert data and all(r.headers.get("authorization") == f"Bearer {admin_key}" for _, r in data), \
+        [(r.url, r.headers.get("authorization")) for _, r in data]
     expect(page.locator('nav a[href="/keys"]')).to_be_visible()
     expect(page.locator("#forget-key")).to_be_visible()
 
@@ -48,7 +56,12 @@ def test_keys_page_asks_for_a_key_creates_and_revokes_and_fragments_stay_scoped(
 
     # the new key, in another browser: it sees none of the admin's datasets, not even in server-rendered HTML
     other = open_page(server.url)
+    other.on("request", lambda r: data.append(("user", r)) if "/api/" in r.url or "/ui/" in r.url else None)
+    other.on("response", lambda r: unauthorized.append(("user", r.url)) if r.status == 401 else None)
     other.goto("/datasets")
+    expect(other.locator("#key-dialog")).to_be_visible()
+    other.wait_for_load_state("networkidle")
+    assert [who for who, _ in data].count("user") == 0
     enter_key(other, user_key)
     expect(other.locator("#datasets-table")).to_contain_text("No datasets yet")
     html = other.request.get(f"{server.url}/ui/datasets", headers={"Authorization": f"Bearer {user_key}"}).text()
@@ -59,7 +72,8 @@ def test_keys_page_asks_for_a_key_creates_and_revokes_and_fragments_stay_scoped(
     assert "root" not in other.locator("#keys-table").inner_text()
 
     # revoking it (two clicks) locks that browser out: its next request brings the dialog back
-    console.allow(r"status of 401|Error Code 401")   # the revoked key, answered 401 (htmx logs it too)
+    assert unauthorized == []                         # no 401 so far: every request had a valid key
+    console.allow(r"status of 401|Error Code 401")   # the revoked key's, checked below (htmx logs it too)
     row.locator("button[data-revoke]").click()
     expect(row.locator("button[data-revoke]")).to_have_text("Confirm revoke")
     row.locator("button[data-revoke]").click()
@@ -67,6 +81,7 @@ def test_keys_page_asks_for_a_key_creates_and_revokes_and_fragments_stay_scoped(
     other.goto("/datasets")
     expect(other.locator("#key-dialog")).to_be_visible()
     expect(other.locator("#key-error")).to_contain_text("refused the key")
+    assert unauthorized and {who for who, _ in unauthorized} == {"user"}, unauthorized
 
     # the admin's own view still has the dataset; forgetting the key asks again
     page.goto("/datasets")

@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 from tests.api import test_restart
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, write_jsonl
+from tests.web.conftest import engine_paused
 
 
 def ready_server(server, template, tmp_path, rows: int = 40):
@@ -59,8 +60,8 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     page.fill("#f-gpu-config-num-gpus", "1")
     expect(page.locator("#est-vram")).to_have_text(re.compile(r"^\d+\.\d\d GB$"))
     expect(page.locator("#est-cost")).to_have_text(re.compile(r"^(\$\d+\.\d\d|< \$0\.01) at \$2\.5/GPU-h$"))
-    with page.expect_request(lambda r: r.url.endswith("/api/jobs/estimate") and '"quantization": "4bit"' in (r.post_data or "")
-                             or '"quantization":"4bit"' in (r.post_data or "")):
+    with page.expect_request(lambda r: r.url.endswith("/api/jobs/estimate")
+                             and r.post_data_json["hyperparameters"]["quantization"] == "4bit"):
         page.check("#f-qlora")
     expect(page.locator("#f-hyperparameters-quantization")).to_be_enabled()
     page.uncheck("#f-qlora")
@@ -73,8 +74,13 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator("#estimate-state")).to_contain_text("Fix the highlighted fields")
     page.fill("#f-name", "has space")
     expect(page.locator("#f-name-error")).to_contain_text("letters, digits")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" and r.url.endswith("/api/jobs") else None)
     page.click("#start-job")
-    assert page.url.endswith("/jobs/new")
+    expect(page.locator("#f-name")).to_be_focused()          # the first field at fault takes the focus
+    expect(page.locator("#f-name")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-hyperparameters-lora-r")).to_have_attribute("aria-invalid", "true")
+    assert sent == [] and client.get("/jobs").json()["items"] == []    # refused in the page: nothing sent
     page.fill("#f-hyperparameters-lora-r", "4")
     page.fill("#f-name", "from-the-form")
     expect(page.locator("#f-hyperparameters-lora-r-error")).to_be_empty()
@@ -111,9 +117,10 @@ def test_home_lists_a_running_job_then_it_finishes(server, page, tiny_model_temp
     expect(page.locator("#system")).to_contain_text("No GPU found")   # this host has none
     job = submit(client, job_spec("tiny", "chat", name="homepage", max_steps=40))
     row = page.locator(f'#active-jobs tr[data-job-id="{job["id"]}"]')
-    expect(row).to_be_visible()
-    expect(row.locator(".badge")).to_have_text(re.compile("queued|preparing|running"))
-    expect(row.locator("progress")).to_be_attached()
+    with engine_paused(server.home, job["id"]) as step:    # held mid-run while the list (every 3 s) shows it
+        expect(row.locator(".badge")).to_have_text("running")
+        expect(row).to_contain_text(f"step {step} / 40")
+        expect(row.locator("progress")).to_be_attached()
     wait_for(client, job["id"], final)
     expect(row).to_have_count(0, timeout=15_000)
     finished = page.locator(f'#recent-jobs tr[data-job-id="{job["id"]}"]')
@@ -167,10 +174,13 @@ def test_the_chart_follows_a_job_across_a_server_restart(make_server, open_page,
     steps = 200
     job = submit(client, job_spec("tiny", "chat", name="restarted", max_steps=steps, save_steps=50, eval_steps=100))
     page = open_page(first.url)
+    streams = []                     # every request for the event stream, in order
+    page.on("request", lambda r: streams.append(r) if r.url.endswith(f"/api/jobs/{job['id']}/events") else None)
     page.goto(f"/jobs/{job['id']}")
     chart = page.locator("#loss-chart")
     expect(chart).to_have_attribute("data-points", re.compile(r"^([2-9]\d|\d{3})$"), timeout=120_000)   # ≥ 20
     expect(page.locator("#live")).to_be_visible()
+    assert len(streams) == 1 and "last-event-id" not in streams[0].headers    # the first one reads from the start
 
     # the engine runs on in its own session; it is paused meanwhile so the restart is surely mid-run
     [engine] = test_restart.engine_pids(job["id"])
@@ -179,6 +189,7 @@ def test_the_chart_follows_a_job_across_a_server_restart(make_server, open_page,
         first.stop(signal.SIGKILL)
         expect(page.locator("#live")).to_be_hidden()
         stalled = int(chart.get_attribute("data-points"))
+        last_seen = page.locator("#job").get_attribute("data-last-event-id")
         second = make_server()
         second.port = first.port
         second.start()
@@ -187,9 +198,13 @@ def test_the_chart_follows_a_job_across_a_server_restart(make_server, open_page,
     with second.client() as client:
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"
         expect(page.locator("#live")).to_be_visible()
+        # every try since the drop, the one that got through included, asks for what follows the last event seen
+        retries = streams[1:]
+        assert retries and last_seen and {r.headers.get("last-event-id") for r in retries} == {last_seen}
         expect(page.locator("#job-status")).to_have_text("completed", timeout=180_000)
         assert client.get(f"/jobs/{job['id']}").json()["attempts"] == 1     # followed again, not restarted
     expect(chart).to_have_attribute("data-points", str(steps))
     expect(chart).to_have_attribute("data-first-step", "1")
     expect(chart).to_have_attribute("data-last-step", str(steps))
+    expect(page.locator("#job")).to_have_attribute("data-metric-events", str(steps))   # none sent twice
     assert stalled < steps

@@ -3,12 +3,14 @@ controls are visible, and the keyboard reaches them."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, write_jsonl
 from tests.web.conftest import PHONE
+from usf_bios.web.render import SECURITY_HEADERS
 
 PAGES = {"/": "Home", "/jobs": "Jobs", "/jobs/new": "New job", "/datasets": "Datasets", "/models": "Models",
          "/compare": "Compare runs", "/keys": "API keys"}
@@ -102,3 +104,11 @@ def test_keyboard_reaches_the_main_buttons(finished, open_page):
     tab_to(page, "#copy-snippet")
     page.goto("/models")
     tab_to(page, "#scan-models")
+
+
+def test_pages_and_fragments_carry_the_security_headers(server):
+    for path in ("/", "/jobs/new", "/ui/jobs?view=active", "/ui/system", "/ui/datasets", "/ui/models", "/ui/keys"):
+        response = httpx.get(server.url + path)
+        assert response.status_code == 200, path
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers.get(name) == value, (path, name)

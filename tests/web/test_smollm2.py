@@ -14,7 +14,8 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from tests.api.flows import register_model, upload_dataset
+from tests.api.flows import register_model, upload_dataset, wait_for
+from tests.web.conftest import engine_paused
 from usf_bios import demo
 from usf_bios.models.gguf import SMOLLM2_NAME, smollm2_gguf
 
@@ -71,13 +72,28 @@ def test_train_smollm2_from_the_form_follow_reload_and_download(server, open_pag
     expect(page.locator("#live")).to_be_visible()
     expect(page.locator("#job-eta")).to_contain_text("left")
 
-    # a reload mid-run shows the whole curve at once: step 1 up to where it was, no gaps
+    # a reload mid-run shows the whole curve at once from /metrics: the engine is paused once the database
+    # holds every step written, and the event stream is held back, so no point can come from it
     before = chart_points(page)[0]
-    page.reload()
-    expect(page.locator("#loss-chart")).to_have_attribute("data-first-step", "1")
-    points, first, last = chart_points(page)
-    assert points >= before and last is not None and points == last - first + 1, (before, points, first, last)
-    assert client.get(f"/jobs/{job_id}").json()["status"] == "running", "the reload must happen mid-run"
+    stream = re.compile(rf"/api/jobs/{job_id}/events")
+    held = []
+    page.route(stream, lambda route: held.append(route))
+    with engine_paused(server.home, job_id) as done:
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "running", "the reload must happen mid-run"
+        wait_for(client, job_id, lambda job: job["current_step"] == done)
+        with page.expect_request(lambda r: bool(stream.search(r.url))), \
+                page.expect_response(lambda r: r.url.endswith(f"/api/jobs/{job_id}/metrics")) as history:
+            page.reload()                                   # the history first, then the stream (held)
+        assert [p["step"] for p in history.value.json()] == list(range(1, done + 1))
+        expect(page.locator("#loss-chart")).to_have_attribute("data-last-step", str(done))
+        assert chart_points(page) == (done, 1, done) and done >= before, (before, done)
+        while not held:
+            page.wait_for_timeout(50)
+        expect(page.locator("#live")).to_be_hidden()
+        for route in held:
+            route.continue_()
+        page.unroute(stream)
+        expect(page.locator("#live")).to_be_visible()
 
     while chart_points(page)[0] < STEPS and time.monotonic() < deadline:
         points = chart_points(page)[0]

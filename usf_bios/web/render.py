@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from usf_bios import __version__
+from usf_bios.control.lifecycle import ALLOWED, JobStatus
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
@@ -68,6 +69,19 @@ def percent(value: float | None) -> str:
 
 TEMPLATES.env.filters.update(human_bytes=human_bytes, human_count=human_count, when=when, iso=iso, percent=percent)
 
+# The status groups the pages need, from the one transition table; base.html hands them to the scripts
+# (data-job-statuses on <body>, read by app.js), so no script keeps its own copy.
+JOB_STATUSES = {
+    "all": [s.value for s in JobStatus],
+    "final": [s.value for s in JobStatus if s.is_terminal],
+    "active": [s.value for s in JobStatus if s.is_active],
+    # as control.jobs.cancel_job moves them: a queued job straight to cancelled, any other to cancelling
+    "cancellable": [s.value for s in JobStatus
+                    if (JobStatus.CANCELLED if s is JobStatus.QUEUED else JobStatus.CANCELLING) in ALLOWED[s]],
+    "resumable": [s.value for s in JobStatus if JobStatus.QUEUED in ALLOWED[s]],
+}
+TEMPLATES.env.globals["job_statuses"] = JOB_STATUSES
+
 
 def render_page(request: Request, template: str, page: str, title: str, **context: Any) -> HTMLResponse:
     """A full page with the security headers; ``page`` marks the current item of the navigation."""
@@ -79,7 +93,7 @@ def render_page(request: Request, template: str, page: str, title: str, **contex
 
 
 def render_fragment(request: Request, template: str, **context: Any) -> HTMLResponse:
+    """A piece of HTML for htmx, with the same security headers as a page (it can be opened on its own)."""
     response = TEMPLATES.TemplateResponse(request, template, context)
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.update(SECURITY_HEADERS)
     return response

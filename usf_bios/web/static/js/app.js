@@ -4,6 +4,16 @@
 const KEY_NAME = "usf-bios-api-key";
 export const authRequired = document.body.dataset.authRequired === "true";
 
+// ---- job statuses -----------------------------------------------------------------------------------
+// Rendered by the server from usf_bios.control.lifecycle (data-job-statuses on <body>): the scripts keep
+// no list of their own. {all, final, active, cancellable, resumable}, each a list of status values.
+const STATUS_GROUPS = JSON.parse(document.body.dataset.jobStatuses || "{}");
+
+/** statusIn("final", "completed") → true: whether a status belongs to one of the server's groups. */
+export function statusIn(group, status) {
+  return (STATUS_GROUPS[group] || []).includes(status);
+}
+
 // ---- the API key ------------------------------------------------------------------------------------
 export function storedKey() {
   return sessionStorage.getItem(KEY_NAME) || localStorage.getItem(KEY_NAME);
@@ -166,8 +176,8 @@ export function notify(message, kind = "info") {
 /** <time datetime> in fragments is written in UTC; show it in the browser's time zone. */
 export function localTimes(root = document) {
   for (const node of root.querySelectorAll("time[datetime]")) {
-    const date = new Date(node.getAttribute("datetime"));
-    if (!Number.isNaN(date.getTime())) node.textContent = formatDate(date);
+    const date = parseDate(node.getAttribute("datetime"));
+    if (date) node.textContent = formatDate(date);
   }
 }
 
@@ -185,6 +195,27 @@ export async function copyText(text, button) {
 }
 
 // ---- formats ------------------------------------------------------------------------------------------
+/**
+ * A datetime from the API as a Date: an ISO string with an offset ('…+00:00', '…Z') as written; one
+ * without an offset is UTC, never the browser's local time. null when missing or unreadable.
+ */
+export function parseDate(value) {
+  if (value === null || value === undefined || value === "") return null;
+  if (typeof value === "number") return new Date(value * 1000);   // unix seconds
+  const text = String(value).trim();
+  const dated = /^\d{4}-\d{2}-\d{2}$/.test(text) ? `${text}T00:00:00` : text.replace(" ", "T");
+  const zoned = /(Z|[+-]\d{2}(:?\d{2})?)$/i.test(dated) ? dated.replace(/([+-]\d{2})(\d{2})$/, "$1:$2") : `${dated}Z`;
+  const date = new Date(zoned);
+  return Number.isNaN(date.getTime()) ? null : date;
+}
+
+/** Seconds from one API datetime to another (or to now); null when either is missing. */
+export function secondsBetween(start, end = new Date()) {
+  const from = parseDate(start);
+  const to = end instanceof Date ? end : parseDate(end);
+  return from && to ? (to.getTime() - from.getTime()) / 1000 : null;
+}
+
 export function formatDate(date) {
   return date.toLocaleString(undefined, { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
 }

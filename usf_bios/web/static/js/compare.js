@@ -1,7 +1,7 @@
 // Compare runs: pick jobs, overlay their loss (and validation-loss) curves, and lay their settings side
 // by side with the rows that differ highlighted. The choice lives in the URL (?jobs=a&jobs=b).
 
-import { api, el, formatDuration, formatNumber } from "./app.js";
+import { api, el, formatDuration, formatNumber, secondsBetween, statusIn } from "./app.js";
 import { lineChart, PALETTE } from "./charts.js";
 
 const root = document.getElementById("compare");
@@ -18,10 +18,8 @@ let chart = null;
 const GROUP_TITLES = { job: "Job", hyperparameters: "Hyperparameters", gpu_config: "Hardware", performance: "Performance" };
 const colorOf = (id) => PALETTE[chosen.indexOf(id) % PALETTE.length];
 
-const FINAL = new Set(["completed", "failed", "cancelled"]);
-
 async function load(id) {
-  if (!runs.has(id) || !FINAL.has(runs.get(id).job.status)) {
+  if (!runs.has(id) || !statusIn("final", runs.get(id).job.status)) {
     const path = `/jobs/${encodeURIComponent(id)}`;
     const [job, metrics] = await Promise.all([api(path), api(`${path}/metrics`)]);
     runs.set(id, { job, metrics });
@@ -117,7 +115,7 @@ function flatten(value, prefix = "", out = {}) {
 function results({ job, metrics }) {
   const last = metrics[metrics.length - 1];
   const vals = metrics.map((p) => p.validation_loss).filter((v) => v !== null);
-  const took = job.started_at && job.finished_at ? (new Date(job.finished_at) - new Date(job.started_at)) / 1000 : null;
+  const took = job.finished_at ? secondsBetween(job.started_at, job.finished_at) : null;
   return {
     status: job.status,
     steps: job.total_steps ? `${job.current_step} / ${job.total_steps}` : String(job.current_step),

@@ -2,9 +2,11 @@
 // tail, checkpoints, cancel / resume, download, and a peft snippet.
 // The charts first load the whole history (/metrics), then follow the SSE feed; points are keyed by
 // step, so the replayed history, a reload, a reconnect or a resumed run never draws a step twice.
+// The ETA is the mean `step_seconds` of the last ETA_WINDOW steps times the steps left.
 
 import {
-  api, authRequired, authHeaders, copyText, el, formatBytes, formatDate, formatDuration, formatNumber, notify, setText,
+  api, authRequired, authHeaders, copyText, el, formatBytes, formatDate, formatDuration, formatNumber, notify,
+  secondsBetween, setText, statusIn,
 } from "./app.js";
 import { lineChart, PALETTE } from "./charts.js";
 import { followEvents } from "./sse.js";
@@ -12,12 +14,11 @@ import { followEvents } from "./sse.js";
 const root = document.getElementById("job");
 const jobId = root.dataset.jobId;
 const base = `/jobs/${encodeURIComponent(jobId)}`;
-const FINAL = new Set(["completed", "failed", "cancelled"]);
-const CANCELLABLE = new Set(["queued", "preparing", "running"]);
-const RESUMABLE = new Set(["cancelled", "failed", "interrupted"]);
+const ETA_WINDOW = 20;
 
 const points = new Map();        // step → {step, loss, validation_loss, learning_rate, tokens_per_second, gpu_memory_gb}
-const stepTimes = [];            // [unix seconds, step] of live metric events, for the ETA
+const stepSeconds = [];          // step_seconds of the last ETA_WINDOW steps, oldest first
+let lastTimedStep = null;        // the step the newest of them belongs to
 let job = null;
 let following = null;            // AbortController of the SSE reader
 let logTimer = null;
@@ -72,19 +73,27 @@ function renderMetrics() {
 }
 
 // ---- status -----------------------------------------------------------------------------------------
+/** One step's duration for the ETA. A step that does not follow the last one (a resume redoing steps
+ *  from its checkpoint, or the feed replayed from the start) begins the window again. */
+function timeStep(step, seconds) {
+  if (lastTimedStep !== null && step <= lastTimedStep) stepSeconds.length = 0;
+  lastTimedStep = step;
+  if (typeof seconds !== "number" || !(seconds > 0)) return;
+  stepSeconds.push(seconds);
+  if (stepSeconds.length > ETA_WINDOW) stepSeconds.shift();
+}
+
 function eta(state) {
   if (state.status !== "running" || !state.total_steps || !state.current_step) return "";
   const remaining = state.total_steps - state.current_step;
   if (remaining <= 0) return "";
-  const recent = stepTimes.slice(-20);
   let perStep = null;
-  if (recent.length >= 2) {
-    const [t0, s0] = recent[0];
-    const [t1, s1] = recent[recent.length - 1];
-    if (s1 > s0 && t1 > t0) perStep = (t1 - t0) / (s1 - s0);
-  }
-  if (perStep === null && job?.started_at) {
-    perStep = (Date.now() / 1000 - new Date(job.started_at).getTime() / 1000) / state.current_step;
+  if (stepSeconds.length) {
+    perStep = stepSeconds.reduce((sum, s) => sum + s, 0) / stepSeconds.length;
+  } else {
+    // no step timed yet: the time since the start over the steps done (includes loading the model)
+    const elapsed = secondsBetween(job?.started_at);
+    if (elapsed !== null && elapsed > 0) perStep = elapsed / state.current_step;
   }
   return perStep === null ? "" : `about ${formatDuration(perStep * remaining)} left`;
 }
@@ -93,20 +102,21 @@ function showStatus(state) {
   const badge = document.getElementById("job-status");
   badge.textContent = state.status;
   badge.className = `badge status-${state.status}`;
-  const active = ["preparing", "running", "cancelling"].includes(state.status);
+  const active = statusIn("active", state.status);
   setText("job-stage", active && state.stage ? state.stage.replace(/_/g, " ") : "");
   document.getElementById("job-progress").value = state.progress ?? 0;
   setText("job-step", state.total_steps ? `step ${state.current_step} / ${state.total_steps}` : "");
-  if (state.status === "completed" && job?.started_at && job?.finished_at) {
-    setText("job-eta", `took ${formatDuration((new Date(job.finished_at) - new Date(job.started_at)) / 1000)}`);
+  const took = state.status === "completed" && job?.finished_at ? secondsBetween(job.started_at, job.finished_at) : null;
+  if (took !== null) {
+    setText("job-eta", `took ${formatDuration(took)}`);
   } else {
     setText("job-eta", eta(state));
   }
   const error = document.getElementById("job-error");
   error.hidden = !state.error;
   error.textContent = state.error ? `Error: ${state.error}` : "";
-  document.getElementById("cancel-job").hidden = !CANCELLABLE.has(state.status);
-  document.getElementById("resume-job").hidden = !RESUMABLE.has(state.status);
+  document.getElementById("cancel-job").hidden = !statusIn("cancellable", state.status);
+  document.getElementById("resume-job").hidden = !statusIn("resumable", state.status);
   document.getElementById("download-adapter").hidden = state.status !== "completed";
   root.dataset.status = state.status;
 }
@@ -170,10 +180,12 @@ async function showSnippet() {
 }
 
 // ---- following --------------------------------------------------------------------------------------
-function onEvent({ event, data }) {
+function onEvent({ id, event, data }) {
+  if (id !== null) root.dataset.lastEventId = id;   // what a reconnect sends as Last-Event-ID
   if (event === "metric") {
     upsert(data.step, data);
-    if (typeof data.ts === "number") stepTimes.push([data.ts, data.step]);
+    timeStep(data.step, data.step_seconds);
+    root.dataset.metricEvents = String(Number(root.dataset.metricEvents || 0) + 1);  // a reconnect repeats none
   } else if (event === "eval") {
     upsert(data.step, { validation_loss: data.validation_loss });
   } else if (event === "stage" && job) {
@@ -215,7 +227,7 @@ async function change(action, button) {
     job = await api(`${base}/${action}`, { method: "POST" });
     showStatus(job);
     notify(action === "cancel" ? "Cancelling: a checkpoint is saved first." : "Queued again; it continues from the newest checkpoint.");
-    if (!FINAL.has(job.status)) follow();
+    if (!statusIn("final", job.status)) follow();
   } catch (error) {
     notify(error.message, "error");
   } finally {
@@ -261,10 +273,13 @@ async function start() {
   setText("spec", JSON.stringify(job.spec, null, 2));
   showStatus(job);
   const history = await api(`${base}/metrics`);
-  for (const point of history) upsert(point.step, point);
+  for (const point of history) {
+    upsert(point.step, point);
+    timeStep(point.step, point.step_seconds);
+  }
   renderMetrics();
   await Promise.all([loadLogs(), loadCheckpoints(), showSnippet()]);
-  if (!FINAL.has(job.status)) follow();
+  if (!statusIn("final", job.status)) follow();
 }
 
 start();

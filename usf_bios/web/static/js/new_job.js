@@ -12,8 +12,7 @@ const nameInput = document.getElementById("f-name");
 const qlora = document.getElementById("f-qlora");
 const quantization = document.getElementById("f-hyperparameters-quantization");
 const estimateBox = document.getElementById("estimate");
-const NAME_PLACEHOLDER = "estimate";
-let estimateRequest = null;
+let estimateRequest = null;      // AbortController of the newest estimate request
 let debounce = null;
 let nameEdited = false;
 
@@ -123,18 +122,24 @@ function showEstimate(estimate) {
   set("est-assumptions", estimate.assumptions || "");
 }
 
+/**
+ * The server's 422 lists {field, message} (`errors`): each message goes beside its field. Returns what no
+ * field took (an unknown field, or a plain `detail` without a list), for the caller to show.
+ */
 function placeServerErrors(error) {
-  if (error.errors.length) {
-    let placed = 0;
-    for (const { field, message } of error.errors) if (setFieldError(field, message)) placed += 1;
-    return placed > 0;
+  if (!error.errors.length) return [error.message];
+  const left = [];
+  for (const { field, message } of error.errors) {
+    if (!setFieldError(field, message)) left.push(field ? `${field}: ${message}` : message);
   }
-  const match = /^([\w.]+): (.*)$/s.exec(error.message);   // 'base_model: no registered model …'
-  return Boolean(match && setFieldError(match[1], match[2]));
+  return left;
 }
 
 async function estimate() {
   const state = document.getElementById("estimate-state");
+  estimateRequest?.abort();      // whatever it answers no longer matches the form
+  estimateRequest = null;
+  estimateBox.classList.remove("busy");
   if (!modelSelect.value || !datasetSelect.value) {
     state.textContent = "Choose a model and a dataset.";
     return;
@@ -143,21 +148,26 @@ async function estimate() {
     state.textContent = "Fix the highlighted fields to see an estimate.";
     return;
   }
-  const spec = buildSpec();
-  if (!spec.name) spec.name = NAME_PLACEHOLDER;
-  estimateRequest?.abort();
-  estimateRequest = new AbortController();
+  const request = new AbortController();
+  estimateRequest = request;
   estimateBox.classList.add("busy");
   state.textContent = "Estimating…";
   try {
-    showEstimate(await api("/jobs/estimate", { method: "POST", json: spec, signal: estimateRequest.signal }));
+    const answer = await api("/jobs/estimate", { method: "POST", json: buildSpec(), signal: request.signal });
+    if (request.signal.aborted) return;
+    showEstimate(answer);
     state.textContent = "Updates as you change the fields.";
     estimateBox.dataset.ready = "true";
   } catch (error) {
-    if (error.name === "AbortError") return;
-    state.textContent = placeServerErrors(error) ? "Fix the highlighted fields to see an estimate." : `No estimate: ${error.message}`;
+    if (request.signal.aborted) return;
+    const left = placeServerErrors(error);
+    state.textContent = left.length ? `No estimate: ${left.join("; ")}` : "Fix the highlighted fields to see an estimate.";
   } finally {
-    estimateBox.classList.remove("busy");
+    // only the newest request owns the busy state: a superseded one must not clear its successor's
+    if (estimateRequest === request) {
+      estimateBox.classList.remove("busy");
+      estimateRequest = null;
+    }
   }
 }
 
@@ -226,8 +236,9 @@ form.addEventListener("submit", async (event) => {
     const job = await api("/jobs", { method: "POST", json: buildSpec() });
     window.location.assign(`/jobs/${encodeURIComponent(job.id)}`);
   } catch (error) {
-    if (!placeServerErrors(error)) {
-      formError.textContent = error.message;
+    const left = placeServerErrors(error);
+    if (left.length) {
+      formError.textContent = left.join("; ");
       formError.hidden = false;
     }
     form.querySelector("[aria-invalid=true]")?.focus();

@@ -2,9 +2,7 @@
 // cannot send one). Reconnects after a dropped connection or a server restart with Last-Event-ID, so
 // nothing is lost and nothing is repeated; ends when the server closes the stream after a final status.
 
-import { askForKey, authHeaders, authRequired, forgetKey, sleep } from "./app.js";
-
-const FINAL = new Set(["completed", "failed", "cancelled"]);
+import { askForKey, authHeaders, authRequired, forgetKey, sleep, statusIn } from "./app.js";
 
 function parseBlock(block) {
   const message = { id: null, event: "message", data: "" };
@@ -62,7 +60,7 @@ export async function followEvents(path, { onEvent, onConnection = () => {}, sig
           const message = parseBlock(block);
           if (!message) continue;
           if (message.id !== null && /^\d+$/.test(message.id)) lastId = Number(message.id);
-          if (message.event === "status" && FINAL.has(message.data.status)) final = true;
+          if (message.event === "status" && statusIn("final", message.data.status)) final = true;
           onEvent(message);
         }
       }
