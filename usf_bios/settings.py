@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, validation_alias="USF_PORT", description="Port the server binds to.")
     require_auth: bool = Field(False, validation_alias="USF_REQUIRE_AUTH",
                                description="Require an API key even on loopback (always required off loopback).")
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias="USF_ALLOWED_HOSTS",
+        description="Extra Host names (comma-separated) a server without API keys answers to, besides loopback "
+                    "names and USF_HOST; e.g. the name a local reverse proxy passes on.")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
     max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
     max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
@@ -59,6 +63,13 @@ class Settings(BaseSettings):
         unknown = [v for v in value if v not in MODEL_SOURCES]  # type: ignore[union-attr]
         if unknown:
             raise ValueError(f"unknown model source(s) {unknown}; allowed: {', '.join(MODEL_SOURCES)}")
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
         return value
 
     @field_validator("allowed_model_roots", mode="before")

@@ -117,3 +117,29 @@ def kill_engines(home: Path) -> None:
 @pytest.fixture
 def server(make_server) -> Server:
     return make_server().start()
+
+
+@dataclass
+class LocalApp:
+    """The app in the test's own process (its module state is readable), served by Starlette's TestClient."""
+
+    home: Path
+    client: httpx.Client
+
+
+@pytest.fixture
+def local_app(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch):
+    """``create_app`` on its own storage root and database, without the scheduler; the client's base URL is
+    http://127.0.0.1:8000/api (a loopback Host, as the server without API keys requires)."""
+    from fastapi.testclient import TestClient
+
+    from usf_bios.api.main import create_app
+    from usf_bios.settings import Settings
+
+    for var in (*[k for k in os.environ if k.startswith("USF_")], "OUTPUT_PATH", "CHECKPOINT_PATH", "LOG_PATH",
+                "HF_HOME", "TRANSFORMERS_CACHE", "MODELSCOPE_CACHE", "SUPPORTED_MODEL_SOURCES", "DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "usf"
+    app = create_app(Settings(usf_home=home, database_url=database_url), "127.0.0.1", start_scheduler=False)
+    with TestClient(app, base_url="http://127.0.0.1:8000/api") as client:
+        yield LocalApp(home, client)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,6 +43,12 @@ def sse_events(server, job_id: str, headers: dict | None = None, timeout: float 
     return out
 
 
+def is_utc(value: str) -> bool:
+    """An ISO 8601 timestamp that says it is UTC ('Z' or '+00:00'), not a naive one a browser reads as local."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment.utcoffset() == timedelta(0)
+
+
 def test_job_runs_to_completion_and_everything_about_it_is_readable(ready):
     server, client = ready
     job = submit(client, job_spec("tiny", "chat", max_steps=10))
@@ -55,10 +65,13 @@ def test_job_runs_to_completion_and_everything_about_it_is_readable(ready):
     done = client.get(f"/jobs/{job['id']}").json()
     assert done["status"] == "completed" and done["progress"] == 1.0 and done["total_steps"] == 10
     assert done["current_step"] == 10 and done["finished_at"] and done["started_at"]
+    assert all(is_utc(done[k]) for k in ("created_at", "started_at", "finished_at")), done
     assert done["artifact"] == {"name": "api-job", "version": 1} and done["metrics"]["loss"] is not None
     points = client.get(f"/jobs/{job['id']}/metrics").json()
     assert [p["step"] for p in points] == list(range(1, 11))
     assert points[4]["validation_loss"] is not None and points[0]["tokens_per_second"] > 0
+    assert all(p["tokens"] > 0 and p["step_seconds"] > 0 for p in points)
+    assert points[0]["tokens_per_second"] == pytest.approx(points[0]["tokens"] / points[0]["step_seconds"], rel=0.05)
     assert "step 10/10" in client.get(f"/jobs/{job['id']}/logs", params={"tail": 20}).text
     tail = client.get(f"/jobs/{job['id']}/logs", params={"tail": 2}).text.splitlines()
     assert len(tail) == 2 and tail[-1].endswith("done: completed")
@@ -84,6 +97,14 @@ def test_job_runs_to_completion_and_everything_about_it_is_readable(ready):
 def test_cancel_keeps_the_checkpoint_and_resume_finishes_with_one_point_per_step(ready):
     server, client = ready
     job = submit(client, job_spec("tiny", "chat", max_steps=400, save_steps=1000, eval_steps=1000))
+    # SSE streams through the request guard: a metric arrives while the job still runs
+    with httpx.stream("GET", f"{server.url}/api/jobs/{job['id']}/events", timeout=120,
+                      headers={"Origin": server.url}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line == "event: metric":
+                break
+    assert not final(client.get(f"/jobs/{job['id']}").json())
     wait_for(client, job["id"], lambda j: j["current_step"] >= 3)
     cancelled = client.post(f"/jobs/{job['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
@@ -127,14 +148,17 @@ def test_bad_specs_get_422_naming_the_field(ready):
     assert malformed.status_code == 422 and "malformed JSON" in malformed.json()["detail"]
     missing = client.post("/jobs", json=job_spec("nope", "chat"))
     assert missing.status_code == 422 and missing.json()["detail"].startswith("base_model: no registered model 'nope'")
+    assert missing.json()["errors"] == [{"field": "base_model", "message": missing.json()["detail"][len("base_model: "):]}]
     for dataset in ("../../etc/passwd", "/etc/passwd", "%2e%2e/x"):
-        refused = client.post("/jobs", json=job_spec("tiny", dataset))
-        assert refused.status_code == 422 and refused.json()["detail"].startswith("dataset: no registered dataset")
+        for path in ("/jobs", "/jobs/estimate"):
+            refused = client.post(path, json=job_spec("tiny", dataset))
+            assert refused.status_code == 422 and refused.json()["detail"].startswith("dataset: no registered dataset")
+            assert [e["field"] for e in refused.json()["errors"]] == ["dataset"]
     assert client.get("/jobs").json()["total"] == 0
 
 
 def test_estimate_before_anything_runs(ready):
-    _, client = ready
+    server, client = ready
     cpu = client.post("/jobs/estimate", json=job_spec("tiny", "chat", max_steps=None, num_epochs=2)).json()
     assert cpu["examples"] == 40 and cpu["steps"] > 0 and cpu["tokens_per_epoch"] > 0 and cpu["gpu_type"] == "cpu"
     assert cpu["estimated_seconds"] > 0 and cpu["peak_vram_gb"] is None and cpu["cost"] == 0
@@ -145,6 +169,92 @@ def test_estimate_before_anything_runs(ready):
     assert gpu["cost"] == pytest.approx(gpu["estimated_seconds"] / 3600 * 2 * 2.5, rel=0.01, abs=1e-6)
     assert gpu["lora_parameters"] > 0 and gpu["parameters"] > gpu["lora_parameters"]
     assert client.get("/jobs").json()["total"] == 0  # nothing was queued
+
+    # the same figures as the estimate computed from scratch (lengths in dataset order, the first 90% trained)
+    from usf_bios.control.estimate import estimate_job
+    from usf_bios.datasets.formats import load_dataset
+    from usf_bios.datasets.stats import token_lengths
+    from usf_bios.engine.model import load_tokenizer
+    from usf_bios.models.sources import ResolvedModel
+    from usf_bios.settings import Settings
+    from usf_bios.spec import JobSpec
+
+    model = client.get("/models/tiny").json()
+    dataset = client.get("/datasets/chat").json()
+    tokenizer = load_tokenizer(ResolvedModel("tiny", Path(model["path"]), "local"), trust_remote_code=False)
+    lengths = token_lengths(load_dataset(server.home / "data" / "datasets" / dataset["id"] / "chat.jsonl").examples,
+                            tokenizer)
+    prices = Settings.model_fields["gpu_prices"].default
+    expected = estimate_job(JobSpec.model_validate(gpu_spec), lengths, Path(model["path"]), model["parameters"], prices)
+    assert gpu == json.loads(json.dumps(expected.as_dict()))
+
+
+def test_estimate_errors_name_the_field_and_the_dataset(ready, tiny_model_template):
+    server, client = ready
+    wrong = client.post("/jobs/estimate", json={**job_spec("tiny", "chat"), "dataset_format": "alpaca"})
+    assert wrong.status_code == 422, wrong.text
+    [error] = wrong.json()["errors"]
+    assert error["field"] == "dataset_format" and wrong.json()["detail"] == f"dataset_format: {error['message']}"
+    assert error["message"].startswith("dataset 'chat' is not in the alpaca format: chat.jsonl:1: missing field")
+    assert str(server.home) not in wrong.text
+
+    register_model(client, "plain", tiny_model_in(server.home, name="test--plain", chat_template=None))
+    no_template = client.post("/jobs/estimate", json=job_spec("plain", "chat"))
+    assert no_template.status_code == 422, no_template.text
+    [error] = no_template.json()["errors"]
+    assert error["field"] == "base_model" and "model 'plain' cannot tokenize dataset 'chat'" in error["message"]
+    assert "no chat template" in error["message"]
+
+    broken = tiny_model_in(server.home, tiny_model_template, name="test--broken")
+    register_model(client, "broken", broken)
+    (broken / "tokenizer.json").write_text("{ not json")
+    unusable = client.post("/jobs/estimate", json=job_spec("broken", "chat"))
+    assert unusable.status_code == 422 and unusable.json()["errors"][0]["field"] == "base_model", unusable.text
+    assert client.post("/jobs/estimate", json=job_spec("tiny", "chat")).status_code == 200
+
+
+def test_concurrent_estimates_tokenize_once_and_a_changed_file_again(local_app, tiny_model_template, tmp_path):
+    from usf_bios.control import token_lengths
+
+    client = local_app.client
+    register_model(client, "tiny", tiny_model_in(local_app.home, tiny_model_template))
+    dataset = upload_dataset(client, write_jsonl(tmp_path / "big.jsonl", chat_rows(3000)), name="big")
+    spec = job_spec("tiny", "big")
+    before = token_lengths.tokenizations
+    start = threading.Barrier(3)
+
+    def ask() -> httpx.Response:
+        start.wait()
+        return client.post("/jobs/estimate", json=spec)
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: ask(), range(3)))
+    assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+    assert answers[0].json() == answers[1].json() == answers[2].json()
+    assert answers[0].json()["examples"] == 3000
+    assert token_lengths.tokenizations == before + 1
+    # the dataset's stats under the same model use the same lengths
+    assert client.get("/datasets/big", params={"model": "tiny"}).json()["token_stats"]["max"] > 0
+    assert token_lengths.tokenizations == before + 1
+
+    stored = local_app.home / "data" / "datasets" / dataset["id"] / "big.jsonl"
+    write_jsonl(stored, chat_rows(3000)[:100])
+    changed = client.post("/jobs/estimate", json=spec)
+    assert changed.status_code == 200 and changed.json()["examples"] == 100
+    assert token_lengths.tokenizations == before + 2
+
+
+def test_every_datetime_the_api_sends_says_utc(ready):
+    """Read back from the database (SQLite keeps no offset); a job's started_at and finished_at: the first test."""
+    _, client = ready
+    job = submit(client, job_spec("tiny", "chat", max_steps=1))
+    key = client.post("/keys", json={"name": "k"}).json()
+    client.delete(f"/keys/{key['id']}")
+    stamps = [job["created_at"], client.get(f"/jobs/{job['id']}").json()["created_at"],
+              client.get("/jobs").json()["items"][0]["created_at"], client.get("/datasets").json()[0]["created_at"],
+              client.get("/datasets/chat").json()["created_at"], client.get("/models").json()[0]["created_at"],
+              key["created_at"], *[v for k in client.get("/keys").json() for v in (k["created_at"], k["revoked_at"])]]
+    assert all(isinstance(s, str) and is_utc(s) for s in stamps), stamps
 
 
 def test_keys_isolate_jobs_and_auth_is_required(make_server, tiny_model_template, tmp_path):

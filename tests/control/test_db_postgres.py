@@ -6,12 +6,13 @@ Each check runs once per backend (`db_url` is parametrized); the PostgreSQL serv
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, select, text
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.orm import Session
 
 from tests.api.postgres import postgres_server  # noqa: F401
@@ -78,6 +79,32 @@ def test_job_spec_round_trips(db_url: str, engine) -> None:
             assert (job.spec, job.request, job.metrics) == (spec, request, {"loss": 1.25})
             assert (job.status, job.current_step, job.attempts, job.max_attempts) == ("queued", 0, 0, 3)
             assert job.created_at is not None
+    finally:
+        fresh.dispose()
+
+
+def test_times_come_back_in_utc_with_their_offset(db_url: str, engine) -> None:
+    """SQLite keeps no offset; PostgreSQL answers in the session's time zone (here +05:30): both read back UTC."""
+    migrate(db_url)
+    ist = timezone(timedelta(hours=5, minutes=30))
+    with Session(engine) as session:
+        session.add(Job(id="job-times", name="t", status="queued", spec={}, request={}, metrics={},
+                        created_at=datetime(2026, 11, 23, 23, 30, tzinfo=ist), started_at=datetime(2026, 11, 23, 18, 5)))
+        session.commit()
+    fresh = make_engine(db_url)
+    if db_url.startswith("postgresql"):
+        @event.listens_for(fresh, "connect")
+        def _india(dbapi_connection, _record) -> None:  # noqa: ANN001
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'Asia/Kolkata'")
+            dbapi_connection.commit()
+    try:
+        with Session(fresh) as session:
+            job = session.get(Job, "job-times")
+            assert job.created_at == datetime(2026, 11, 23, 18, 0, tzinfo=timezone.utc)
+            assert job.started_at == datetime(2026, 11, 23, 18, 5, tzinfo=timezone.utc)   # naive in: taken as UTC
+            assert job.created_at.utcoffset() == job.started_at.utcoffset() == timedelta(0)
+            assert job.created_at.isoformat() == "2026-11-23T18:00:00+00:00"
     finally:
         fresh.dispose()
 

@@ -11,18 +11,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from usf_bios import __version__
+from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.routes import datasets, jobs, keys, models, system
 from usf_bios.control.db import Database, migrate
+from usf_bios.control.jobs import JobRequestError
 from usf_bios.settings import Settings
 from usf_bios.spec import _reason
 from usf_bios.storage import StorageLayout
 from usf_bios.web import mount_web
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """Whether the address the server binds to is a loopback one (then API keys are optional)."""
+    return is_loopback_name(host.strip().strip("[]").lower())
 
 
 def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
@@ -66,6 +67,14 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         errors = _field_errors(exc)
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+    @app.exception_handler(JobRequestError)
+    async def _job_request(_request: Request, exc: JobRequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "errors": exc.errors()}, status_code=422)
+
+    # DNS rebinding (Host) when no API key protects the server; cross-site writes (Origin) always
+    allowed_hosts = None if app.state.auth_required else {host, settings.host, *settings.allowed_hosts}
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
 
     for module in (system, keys, datasets, models, jobs):
         app.include_router(module.router, prefix="/api")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,9 +134,10 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     }
 
 
-def estimate_job(spec: JobSpec, token_lengths: list[int], model_folder: Path, parameters: int,
+def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
                  prices: dict[str, float]) -> Estimate:
-    """``token_lengths``: every example's length in tokens (before truncation)."""
+    """``token_lengths``: every example's length in tokens (before truncation), in dataset order; the first
+    (1 − val_split) share counts as the training split."""
     hp, gpus = spec.hyperparameters, spec.gpu_config
     config = json.loads((model_folder / "config.json").read_text())
     train_lengths = token_lengths[: len(token_lengths) - math.floor(len(token_lengths) * hp.val_split)]

@@ -11,7 +11,8 @@ from usf_bios.control.tables import Job, MetricPoint
 from usf_bios.engine.events import parse_event
 from usf_bios.storage import StorageLayout
 
-METRIC_FIELDS = ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "gpu_memory_gb")
+METRIC_FIELDS = ("epoch", "loss", "learning_rate", "grad_norm", "tokens", "step_seconds", "tokens_per_second",
+                 "gpu_memory_gb")
 
 
 def read_new_events(layout: StorageLayout, job: Job) -> list[dict[str, Any]]:

@@ -21,7 +21,12 @@ class JobRequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def errors(self) -> list[dict[str, str]]:
+        """The API's error list, as the request validation handler sends it."""
+        return [{"field": self.field, "message": self.message}]
 
 
 def resolve_references(session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:

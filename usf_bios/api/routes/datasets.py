@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from array import array
 import shutil
-import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, find_owned, owned_or_404
 from usf_bios.api.uploads import ReceivedUpload, UploadRejected, receive_multipart, safe_filename
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry, new_id
+from usf_bios.control.token_lengths import TokenLengthsError, token_lengths_for
 from usf_bios.datasets.formats import FORMATS, DatasetError, load_dataset, to_example
 from usf_bios.datasets.readers import SUPPORTED_SUFFIXES, read_records
 from usf_bios.storage import StorageLayout, confine
@@ -30,9 +29,6 @@ router = APIRouter(tags=["datasets"])
 
 HISTOGRAM_BINS = 20
 _NAME = re.compile(r"^[\w-][\w. -]{0,199}$")
-_LENGTHS_CACHE: dict[tuple[str, str], array] = {}   # (dataset sha256, model folder) → sorted token lengths
-_LENGTHS_CACHE_SIZE = 16
-_STATS_LOCK = threading.Lock()
 
 
 class DatasetPublic(BaseModel):
@@ -217,32 +213,13 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dic
     return [{"start": low + i * width, "end": low + (i + 1) * width, "count": c} for i, c in enumerate(counts)]
 
 
-def cached_token_lengths(entry: DatasetEntry, model: ModelEntry) -> array:
-    """Every example's token length under the model's tokenizer, sorted; cached per (file, model), so a new
-    max_seq_length (the dashboard's truncation slider) costs no tokenization."""
-    from usf_bios.datasets.stats import token_lengths
-    from usf_bios.engine.model import load_tokenizer
-    from usf_bios.models.sources import ResolvedModel
-
-    key = (entry.sha256, str(Path(model.path).resolve()))
-    with _STATS_LOCK:
-        if key in _LENGTHS_CACHE:
-            return _LENGTHS_CACHE[key]
-    tokenizer = load_tokenizer(ResolvedModel(model.name, Path(model.path), model.source), trust_remote_code=False)
-    examples = load_dataset(entry.path, entry.format).examples  # type: ignore[arg-type]
-    lengths = array("l", sorted(token_lengths(examples, tokenizer)))
-    with _STATS_LOCK:
-        while len(_LENGTHS_CACHE) >= _LENGTHS_CACHE_SIZE:
-            _LENGTHS_CACHE.pop(next(iter(_LENGTHS_CACHE)))
-        _LENGTHS_CACHE[key] = lengths
-    return lengths
-
-
 def compute_token_stats(entry: DatasetEntry, model: ModelEntry, max_seq_length: int) -> dict[str, Any]:
-    """Token stats at ``max_seq_length`` and a length histogram under the model's tokenizer."""
+    """Token stats at ``max_seq_length`` and a length histogram under the model's tokenizer. The lengths are
+    cached per (file, model) (control/token_lengths.py), so a new max_seq_length (the dashboard's truncation
+    slider) costs no tokenization. Raises TokenLengthsError."""
     from usf_bios.datasets.stats import stats_from_lengths
 
-    lengths = list(cached_token_lengths(entry, model))
+    lengths = sorted(token_lengths_for(entry, model, entry.format))
     stats = stats_from_lengths(lengths, max_seq_length)
     return {"token_stats": {k: getattr(stats, k) for k in TokenStatsPublic.model_fields},
             "length_histogram": length_histogram(lengths)}
@@ -258,8 +235,8 @@ def dataset_detail(session: Session, caller: Caller, entry: DatasetEntry, model_
     detail["token_stats_model"] = {"id": model.id, "name": model.name}
     try:
         detail.update(compute_token_stats(entry, model, max_seq_length))
-    except (OSError, ValueError, RuntimeError) as exc:   # no tokenizer files, no chat template, unreadable file
-        message = f"cannot compute token stats with model {model.name!r}: {exc}"
+    except TokenLengthsError as exc:   # no tokenizer files, no chat template, unreadable file
+        message = f"cannot compute token stats: {exc.message}"
         if model_ref is not None:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, message) from None
         detail["token_stats_error"] = message

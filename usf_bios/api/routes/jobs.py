@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
@@ -16,9 +17,11 @@ from sqlalchemy.orm import Session
 from usf_bios.api.deps import Caller, CurrentCaller, LayoutDep, SessionDep, SettingsDep, get_ws_caller
 from usf_bios.api.tarstream import tar_stream
 from usf_bios.control.estimate import estimate_job
+from usf_bios.control.follow import METRIC_FIELDS
 from usf_bios.control.jobs import JobRequestError, cancel_job, job_public, resolve_references, resume_job, submit_job
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
-from usf_bios.control.tables import Artifact, Job, MetricPoint
+from usf_bios.control.tables import Artifact, Job, MetricPoint, ModelEntry
+from usf_bios.control.token_lengths import token_lengths_future
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.events import parse_event
 from usf_bios.spec import JobSpec
@@ -38,39 +41,34 @@ def _public(session: Session, job: Job) -> dict[str, Any]:
     return job_public(job, session.scalar(select(Artifact).where(Artifact.job_id == job.id)))
 
 
-def _unprocessable(err: JobRequestError) -> HTTPException:
-    return HTTPException(422, str(err))
-
-
-@router.post("/jobs", status_code=status.HTTP_201_CREATED)
+@router.post("/jobs", status_code=status.HTTP_201_CREATED,
+             responses={422: {"description": "invalid spec, or a model/dataset that is not registered: "
+                                             '{"detail", "errors": [{"field", "message"}]}'}})
 def create(spec: JobSpec, request: Request, caller: CurrentCaller, session: SessionDep, layout: LayoutDep,
            settings: SettingsDep) -> dict[str, Any]:
     """Queue a job. `base_model` and `dataset` name a registered model and dataset (id or name)."""
-    try:
-        job = submit_job(session, caller, layout, settings, spec)
-    except JobRequestError as err:
-        raise _unprocessable(err) from None
+    job = submit_job(session, caller, layout, settings, spec)   # JobRequestError → 422 (api/main.py)
     request.app.state.scheduler.wake()
     return _public(session, job)
 
 
-@router.post("/jobs/estimate")
-def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
-    """Tokens, steps, time, peak GPU memory and cost, before anything runs."""
-    from pathlib import Path
+@router.post("/jobs/estimate",
+             responses={422: {"description": "invalid spec, unknown model/dataset, a dataset not in `dataset_format`, "
+                                             'or a model that cannot tokenize it: {"detail", "errors": [{"field", "message"}]}'}})
+async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """Tokens, steps, time, peak GPU memory and cost, before anything runs. The dataset's token lengths are
+    computed once per (dataset file, model, format) and shared with the dataset stats (control/token_lengths.py)."""
+    model, dataset = await run_in_threadpool(resolve_references, session, caller, spec)
+    pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format, spec.trust_remote_code)
+    lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
+    return await run_in_threadpool(_estimate, spec, model, lengths, settings.gpu_prices)
 
-    from usf_bios.datasets.formats import load_dataset
-    from usf_bios.datasets.stats import token_lengths
-    from usf_bios.engine.model import load_tokenizer
-    from usf_bios.models.sources import ResolvedModel
 
+def _estimate(spec: JobSpec, model: ModelEntry, lengths: Sequence[int], prices: dict[str, float]) -> dict[str, Any]:
     try:
-        model, dataset = resolve_references(session, caller, spec)
-    except JobRequestError as err:
-        raise _unprocessable(err) from None
-    tokenizer = load_tokenizer(ResolvedModel(model.name, Path(model.path), model.source), spec.trust_remote_code)
-    lengths = token_lengths(load_dataset(dataset.path, spec.dataset_format).examples, tokenizer)
-    return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices).as_dict()
+        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, prices).as_dict()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise JobRequestError("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
 
 
 def find_jobs(session: Session, caller: Caller, statuses: Iterable[JobStatus] | None = None, limit: int = 50,
@@ -121,9 +119,11 @@ def resume(job_id: str, request: Request, caller: CurrentCaller, session: Sessio
 
 @router.get("/jobs/{job_id}/metrics")
 def metrics(job_id: str, caller: CurrentCaller, session: SessionDep) -> list[dict[str, Any]]:
+    """One point per step, as the engine's metric events and evaluations reported it; `tokens` (the step's real
+    tokens) and `step_seconds` are null on points recorded before schema revision 0002."""
     job = _job_or_404(session, caller, job_id)
     points = session.scalars(select(MetricPoint).where(MetricPoint.job_id == job.id).order_by(MetricPoint.step))
-    fields = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "gpu_memory_gb", "validation_loss")
+    fields = ("step", *METRIC_FIELDS, "validation_loss")
     return [{f: getattr(p, f) for f in fields} for p in points]
 
 

@@ -1,0 +1,145 @@
+"""Every example's token length under a model's tokenizer, in dataset order, computed once and shared.
+
+The job estimate (POST /api/jobs/estimate, which the web form calls after each field change) and the dataset
+stats (GET /api/datasets/{id}?model=…) both need these lengths, and tokenizing a large dataset takes seconds
+to minutes. The newest ``CACHE_SIZE`` results are kept, keyed by (the dataset file's SHA-256 as the file is
+now, the resolved model folder, the dataset format, trust_remote_code): a changed file has a new hash and so
+gets new lengths. Only one computation per key runs at a time: a request asking for a key already being
+computed waits for that result (``token_lengths_future`` lets an async route wait without holding a thread),
+and at most ``WORKERS`` computations run at once in all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from usf_bios.control.jobs import JobRequestError
+from usf_bios.control.tables import DatasetEntry, ModelEntry
+
+CACHE_SIZE = 16                       # results kept (8 bytes per example each)
+WORKERS = 2                           # tokenizations at once, over all keys
+Key = tuple[str, str, str, bool]      # (file sha256, resolved model folder, format, trust_remote_code)
+
+_lock = threading.Lock()              # guards the dictionaries and the counter below
+_cache: OrderedDict[Key, memoryview] = OrderedDict()     # least recently used first
+_pending: dict[Key, Future] = {}      # computations under way
+_file_hashes: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()  # (path, inode, size, mtime_ns) → sha256
+_executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="usf-token-lengths")
+tokenizations = 0                     # datasets this process has tokenized (tests and debugging read it)
+
+
+class TokenLengthsError(JobRequestError):
+    """The dataset cannot be read in this format (field ``dataset_format``, or ``dataset`` for its file), or the
+    model's tokenizer cannot tokenize it (field ``base_model``). Messages name the dataset, never its stored path."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the computation needs from the two rows (plain values: it runs in another thread)."""
+
+    dataset_name: str
+    filename: str
+    dataset_path: str
+    model_name: str
+    model_path: str
+    model_source: str
+
+    @property
+    def label(self) -> str:
+        return f"dataset {self.dataset_name!r}" + (f" ({self.filename})" if self.filename != self.dataset_name else "")
+
+
+def token_lengths_for(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto",
+                      trust_remote_code: bool = False) -> Sequence[int]:
+    """Each example's length in tokens (chat template included, before truncation), in the file's order, as a
+    read-only view shared between callers. Blocks until computed; raises TokenLengthsError."""
+    return token_lengths_future(dataset, model, dataset_format, trust_remote_code).result()
+
+
+def token_lengths_future(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto",
+                         trust_remote_code: bool = False) -> Future:
+    """The same as a Future: done at once from the cache, else the one computation of this key (started now or
+    already under way). Reads (and hashes) the dataset file, so call it off the event loop."""
+    source = _Source(dataset.name, dataset.filename, dataset.path, model.name, model.path, model.source)
+    sha = _file_sha256(source)
+    used_format = dataset_format
+    if dataset_format == "auto" and sha == dataset.sha256:
+        used_format = dataset.format   # what the upload detected from these same bytes: shares the stats' entry
+    key: Key = (sha, str(Path(model.path).resolve()), used_format, trust_remote_code)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            done: Future = Future()
+            done.set_result(_cache[key])
+            return done
+        if key not in _pending:
+            _pending[key] = _executor.submit(_compute, key, source, used_format, dataset_format)
+        return _pending[key]
+
+
+def _compute(key: Key, source: _Source, fmt: str, requested_format: str) -> memoryview:
+    try:
+        lengths = memoryview(_tokenize(source, fmt, requested_format, trust_remote_code=key[3])).toreadonly()
+        with _lock:
+            _cache[key] = lengths
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+        return lengths
+    finally:
+        with _lock:
+            del _pending[key]   # a failure is not kept: the next request tries again
+
+
+def _file_sha256(source: _Source) -> str:
+    """The file's hash now; remembered per (path, inode, size, mtime) so an unchanged file is read once."""
+    path = Path(source.dataset_path)
+    try:
+        info = path.stat()
+        stamp = (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+        with _lock:
+            if stamp in _file_hashes:
+                return _file_hashes[stamp]
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise TokenLengthsError("dataset", f"the file of {source.label} cannot be read ({exc.strerror})") from None
+    with _lock:
+        _file_hashes[stamp] = digest.hexdigest()
+        while len(_file_hashes) > 4 * CACHE_SIZE:
+            _file_hashes.popitem(last=False)
+    return digest.hexdigest()
+
+
+def _tokenize(source: _Source, fmt: str, requested_format: str, trust_remote_code: bool) -> array:
+    global tokenizations
+    from usf_bios.datasets.formats import DatasetError, load_dataset
+    from usf_bios.datasets.stats import token_lengths
+    from usf_bios.engine.model import load_tokenizer
+    from usf_bios.models.sources import ResolvedModel
+
+    try:
+        examples = load_dataset(source.dataset_path, fmt).examples  # type: ignore[arg-type]
+    except DatasetError as exc:   # located by the file's name, not the stored path
+        where = DatasetError(source.filename, exc.reason, exc.line, unit=exc.unit)
+        if requested_format == "auto":
+            raise TokenLengthsError("dataset", f"dataset {source.dataset_name!r} cannot be read: {where}") from None
+        raise TokenLengthsError("dataset_format",
+                                f"dataset {source.dataset_name!r} is not in the {fmt} format: {where}") from None
+    with _lock:
+        tokenizations += 1
+    try:
+        tokenizer = load_tokenizer(ResolvedModel(source.model_name, Path(source.model_path), source.model_source),
+                                   trust_remote_code)
+        return array("l", token_lengths(examples, tokenizer))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds on a broken tokenizer folder
+        raise TokenLengthsError("base_model", f"model {source.model_name!r} cannot tokenize {source.label}: "
+                                f"{str(exc) or type(exc).__name__}") from None
