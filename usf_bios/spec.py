@@ -80,6 +80,8 @@ class Performance(_Strict):
         "fused: Liger's fused linear cross-entropy (CUDA, liger-kernel).")
     fused_kernels: Switch = Field("auto", description="Liger kernels for RMSNorm, RoPE and SwiGLU (CUDA, liger-kernel).")
     fused_optimizer: Switch = Field("auto", description="AdamW in one fused kernel (CUDA).")
+    fused_lora: Switch = Field("auto", description="Each LoRA layer as one autograd function: the scale folded into "
+                               "the matrix product, no fp32 round trip of the input, no extra adds.")
     checkpointing: Literal["auto", "all", "offload"] = Field(
         "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs; "
         "all recomputes every layer; offload also keeps the saved layer inputs in host memory (longest contexts).")

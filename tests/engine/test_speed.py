@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from usf_bios.engine import loss as loss_module
-from usf_bios.engine import speed
+from usf_bios.engine import fused_lora, speed
 from usf_bios.engine.data import IGNORE, TokenizedExample, collate
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
@@ -130,8 +130,80 @@ def test_offload_slices_the_mlp_over_long_rows_without_changing_gradients(refere
 def test_all_switches_together_match_the_plain_path(reference, monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 11)
     fast = SpeedPlan(attention="varlen", loss="chunked", fused_kernels=False, fused_optimizer=False,
-                     checkpointing="offload")
+                     checkpointing="offload", fused_lora=True)
     assert_same(loss_and_grads(fast), reference)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of each fused LoRA function, so a test can tell the fused path ran."""
+    calls = {"linear": 0, "add": 0}
+    for key, cls in (("linear", fused_lora._LoraLinear), ("add", fused_lora._LoraAdd)):
+        original = cls.apply
+
+        def counted(*args, _key=key, _original=original):
+            calls[_key] += 1
+            return _original(*args)
+        monkeypatch.setattr(cls, "apply", counted)
+    return calls
+
+
+def test_fused_lora_matches_peft(reference, fused_calls):
+    model, _, _ = lora_model(dataclasses.replace(PLAIN, fused_lora=True))
+    assert sum("forward" in vars(m) for m in model.modules()) == 3 * 7  # every targeted linear layer of 3 layers
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, fused_lora=True)), reference)
+    assert fused_calls["linear"] == 3 * 7 and fused_calls["add"] == 0  # one forward pass
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft():
+    """The bf16 path: peft's fp32 round trip of the input against the fused products, both under CPU autocast."""
+    results = []
+    for plan in (PLAIN, dataclasses.replace(PLAIN, fused_lora=True)):
+        model, applied, _ = lora_model(plan)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = loss_sum(model, packed_batch(), loss="full")
+        value.backward()
+        results.append((value.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    assert abs(fused_loss - plain_loss) / plain_loss < 5e-3
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == torch.float32  # the adapter's own dtype, as peft gives it
+        assert (fused_grads[name] - grad).norm() / grad.norm() < 2e-2, name
+
+
+def test_fused_lora_keeps_a_quantized_base_layer_s_own_product(fused_calls):
+    """A base layer that is not a plain nn.Linear (bitsandbytes) keeps its forward; only the adapter is fused on."""
+
+    class Opaque(torch.nn.Linear):  # stands in for a quantized layer: a type the fused product does not take
+        pass
+
+    def opaque_base():
+        base = tiny_base()
+        for layer in base.model.layers:
+            old = layer.mlp.down_proj
+            layer.mlp.down_proj = Opaque(old.in_features, old.out_features, bias=False)
+            layer.mlp.down_proj.weight = old.weight
+        return base
+
+    results = []
+    for plan in (PLAIN, dataclasses.replace(PLAIN, fused_lora=True)):
+        model, _, _ = build_model(opaque_base(), spec(gradient_checkpointing=False), plan, CPU)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(1)
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        value = loss_sum(model, packed_batch(), loss="full")
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert fused_calls["add"] == 3 and fused_calls["linear"] == 3 * 6
+    assert_same(results[1], results[0])
+
+
+def test_fused_lora_leaves_dropout_to_peft(fused_calls):
+    plain = loss_and_grads(PLAIN, dropout=0.1)
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, fused_lora=True), dropout=0.1), plain)
+    assert fused_calls == {"linear": 0, "add": 0}
 
 
 def test_layers_to_recompute_takes_the_fewest_that_fit():
@@ -156,7 +228,8 @@ def test_activation_estimate_grows_with_the_model():
 def test_auto_plan_on_the_cpu_is_the_portable_fast_path():
     plan = resolve_plan(Performance(), Hyperparameters(), CPU)
     assert plan == SpeedPlan(attention="sdpa", loss="chunked", fused_kernels=False, fused_optimizer=False,
-                             checkpointing="all")
+                             checkpointing="all", fused_lora=True)
+    assert resolve_plan(Performance(fused_lora="off"), Hyperparameters(), CPU).fused_lora is False
     assert resolve_plan(Performance(), Hyperparameters(gradient_checkpointing=False), CPU).checkpointing == "none"
     assert resolve_plan(Performance(attention="varlen"), Hyperparameters(), CPU).attention == "varlen"
 
@@ -182,3 +255,21 @@ def test_performance_switches_do_not_change_the_fingerprint():
     a = spec()
     b = JobSpec.model_validate({**a.model_dump(), "performance": {"attention": "sdpa", "loss": "full"}})
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_fused_lora_recasts_the_adapter_after_an_in_place_update():
+    """The bf16 copies of A and B are cached per layer; an optimizer's in-place write must invalidate them."""
+    model, _, _ = lora_model(dataclasses.replace(PLAIN, fused_lora=True))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features)
+
+    def fused_and_plain():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x), type(layer).forward(layer, x)
+
+    before, _ = fused_and_plain()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(0.5)
+    after, plain = fused_and_plain()
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(after, plain, rtol=2e-2, atol=2e-2)

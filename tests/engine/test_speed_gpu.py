@@ -33,9 +33,14 @@ def gpu_base():
     return LlamaForCausalLM(config).to(GPU.device, torch.bfloat16)
 
 
-def gpu_model(plan: SpeedPlan):
-    model, applied, _ = build_model(gpu_base(), spec(precision="bf16", gradient_checkpointing=plan.checkpointing != "none"),
-                                    plan, GPU)
+def gpu_model(plan: SpeedPlan, quantized: bool = False):
+    base = gpu_base()
+    if quantized:
+        from usf_bios.bench.models import quantize_decoder_layers
+
+        quantize_decoder_layers(base, torch.bfloat16)
+    model, applied, _ = build_model(base, spec(precision="bf16", gradient_checkpointing=plan.checkpointing != "none",
+                                               quantization="4bit" if quantized else "none"), plan, GPU)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -45,8 +50,8 @@ def gpu_model(plan: SpeedPlan):
     return model, applied
 
 
-def loss_and_grads(plan: SpeedPlan):
-    model, applied = gpu_model(plan)
+def loss_and_grads(plan: SpeedPlan, quantized: bool = False):
+    model, applied = gpu_model(plan, quantized)
     batch = packed_batch().to(GPU.device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         value = loss_sum(model, batch, loss=applied.loss, attention=applied.attention)
@@ -109,8 +114,23 @@ def test_liger_kernels_match_the_model_s_own_layers(reference):
 
 def test_everything_on_matches_the_plain_path(reference):
     fast = SpeedPlan(attention="varlen", loss="chunked", fused_kernels=HAS_LIGER, fused_optimizer=True,
-                     checkpointing="auto")
+                     checkpointing="auto", fused_lora=True)
     assert_close_bf16(loss_and_grads(fast), reference)
+
+
+def test_fused_lora_matches_peft_on_cuda(reference):
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, fused_lora=True)), reference)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_fused_lora_on_nf4_layers_matches_peft():
+    from peft.tuners.lora.bnb import Linear4bit
+
+    model, _ = gpu_model(dataclasses.replace(PLAIN, fused_lora=True), quantized=True)
+    fused = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert fused and all("forward" in vars(m) for m in fused)
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, fused_lora=True), quantized=True),
+                      loss_and_grads(PLAIN, quantized=True))
 
 
 def test_fused_adamw_takes_the_same_steps():
@@ -119,6 +139,7 @@ def test_fused_adamw_takes_the_same_steps():
         plan = dataclasses.replace(PLAIN, fused_optimizer=fused)
         model, applied = gpu_model(plan)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        start = torch.cat([p.detach().flatten() for p in trainable]).clone()
         optimizer = make_optimizer(trainable, Hyperparameters(learning_rate=1e-3), applied)
         assert optimizer.defaults.get("fused") is (True if fused else None)
         batch = packed_batch().to(GPU.device)
@@ -128,4 +149,8 @@ def test_fused_adamw_takes_the_same_steps():
             optimizer.step()
             optimizer.zero_grad()
         params[fused] = torch.cat([p.detach().flatten() for p in trainable])
-    assert (params[True] - params[False]).abs().max() < 1e-5
+    # Adam normalises each update, so where a gradient is almost zero the two kernels' rounding moves a weight by a
+    # different fraction of the learning rate: compare against the size of the steps taken, not absolutely.
+    moved = (params[False] - start).norm()
+    assert moved > 1e-3
+    assert (params[True] - params[False]).norm() < 0.01 * moved, ((params[True] - params[False]).norm(), moved)

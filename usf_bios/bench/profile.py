@@ -63,7 +63,8 @@ def _kernels(prof: Any, cuda: bool) -> list[tuple[str, float]]:
     out = []
     for event in prof.events():
         if cuda:
-            if event.device_type == torch.autograd.DeviceType.CUDA:
+            # the profiler's own step ranges show up as device events too; they are not kernels
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith("ProfilerStep"):
                 out.append((event.name, event.device_time / 1e6))
         elif event.name.startswith("aten::"):
             parent = event.cpu_parent
@@ -102,7 +103,7 @@ def profile_config(config: str, performance: Any, *, record_steps: int = 2) -> d
     if "end" not in window:
         raise ValueError(f"{config}: {len(measurement.step_seconds)} steps ran; the profile needs "
                          f"{skip + record_steps}")
-    summary = summarize_kernels(_kernels(prof, cuda), window["end"] - window["start"])
+    summary = summarize_kernels(_kernels(prof, cuda), window["end"] - window["start"], top=30)
     summary.update(config=config, device=torch.cuda.get_device_name(device) if cuda else "cpu",
                    recorded_steps=record_steps, notes=notes, tokens_per_second=round(measurement.tokens_per_second, 1))
     return summary

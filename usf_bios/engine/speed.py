@@ -10,7 +10,7 @@ model here:
 - checkpointing ``auto``: recompute only as many decoder layers as GPU memory needs (none when it fits);
   ``offload``: every layer, with its saved input kept in pinned host memory, and (without LoRA dropout) the MLP
   recomputed in slices over long sequences, for the longest contexts.
-- fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused optimizer: ``torch.optim.AdamW(fused=True)``.
+- fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
 """
 
@@ -46,9 +46,11 @@ class SpeedPlan:
     fused_kernels: bool
     fused_optimizer: bool
     checkpointing: str          # none | auto | all | offload (auto becomes a layer count in apply_checkpointing)
+    fused_lora: bool = False
 
     def describe(self) -> str:
         return (f"attention {self.attention}, loss {self.loss}, fused kernels {'on' if self.fused_kernels else 'off'}, "
+                f"fused LoRA {'on' if self.fused_lora else 'off'}, "
                 f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}")
 
 
@@ -85,7 +87,7 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
         attention=attention, loss=loss,
         fused_kernels=_switch(perf.fused_kernels, liger, "fused_kernels", liger_why),
         fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
-        checkpointing=checkpointing)
+        checkpointing=checkpointing, fused_lora=perf.fused_lora != "off")
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -311,6 +313,7 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
 def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement) -> tuple[Any, SpeedPlan, list[str]]:
     """Fused kernels and attention on the base model, LoRA, then checkpointing; returns the model, the plan as
     applied (a head that cannot be sliced turns the loss back to ``full``) and lines for the job log."""
+    from usf_bios.engine.fused_lora import fuse_lora_layers
     from usf_bios.engine.loss import head_is_plain
     from usf_bios.engine.model import apply_lora
 
@@ -320,6 +323,8 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     if plan.attention == "varlen":
         use_varlen_attention(base)
     model = apply_lora(base, spec)
+    if plan.fused_lora:
+        fuse_lora_layers(model)
     notes = []
     if plan.loss != "full" and (why := head_is_plain(model)):
         notes.append(f"loss: full logits, because {why}")

@@ -1,0 +1,164 @@
+"""LoRA layers as one autograd function each: the ``fused_lora`` speed switch.
+
+peft computes a LoRA linear layer as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. Under bf16 autocast with
+the adapter kept in fp32 that costs, per layer and per step, a round trip of the whole input through fp32 (peft
+casts ``x`` to the adapter's dtype, autocast casts it back), a multiply of the whole output by the scale and an
+add of two whole outputs, each again in the backward pass, plus an add of the two input gradients. Here:
+
+- forward: ``out = x Wᵀ (+ bias)``, ``h = x Aᵀ``, then ``out += scaling · h Bᵀ`` inside the matrix product
+  (``addmm_``), all in the compute dtype;
+- backward: ``g_h = g (scaling · B)``, ``grad_B = scaling · gᵀ h``, ``grad_A = g_hᵀ x`` and
+  ``grad_x = g W + g_h A`` with the second product accumulated into the first; nothing for ``x`` when it needs
+  no gradient (the first layer's inputs).
+
+The arithmetic is the same products, summed in another order (the scale is applied to the small factor and the
+sum is rounded once instead of twice), so losses and gradients agree with peft's path to rounding; a test holds
+them together. Layers this does not cover (dropout, DoRA and other variants, a LoRA bias, several active
+adapters, merged or disabled adapters, extra forward arguments) keep peft's own forward, decided on every call.
+A quantized base layer (bitsandbytes) keeps its own product; only the adapter part is fused onto its output.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LoraLinear(torch.autograd.Function):
+    """out = x Wᵀ + bias + scaling · (x Aᵀ) Bᵀ with a frozen W and bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dtype: torch.dtype, a: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            w = weight.to(dtype)
+            out = F.linear(flat, w, None if bias is None else bias.to(dtype))
+            h = flat @ a.t()
+            out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, w, a, b, h)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, w, a, b, h = ctx.saved_tensors
+        with torch.autocast(flat.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+            g_h = g @ (b * ctx.scaling)
+            grad_b = (g.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+            grad_a = g_h.t() @ flat if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ w).addmm_(g_h, a).view(ctx.x_shape).to(ctx.x_dtype)
+        return (grad_x, None, None, None if grad_a is None else grad_a.to(ctx.a_dtype),
+                None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None, None)
+
+
+class _LoraAdd(torch.autograd.Function):
+    """out = base_out + scaling · (x Aᵀ) Bᵀ, for a base layer that computes its own product (quantized)."""
+
+    @staticmethod
+    def forward(ctx: Any, base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            h = flat @ a.t()
+            base = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
+            out = torch.addmm(base, h, b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, a, b, h)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.base_dtype = scaling, x.shape, x.dtype, base_out.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*base_out.shape[:-1], out.shape[-1]).to(base_out.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, a, b, h = ctx.saved_tensors
+        with torch.autocast(flat.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+            g_h = g @ (b * ctx.scaling)
+            grad_b = (g.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
+            grad_a = g_h.t() @ flat if ctx.needs_input_grad[2] else None
+            grad_x = (g_h @ a).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
+            grad_base = grad.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
+        return (grad_base, grad_x, None if grad_a is None else grad_a.to(ctx.a_dtype),
+                None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None, None)
+
+
+def _single_plain_adapter(layer: Any) -> str | None:
+    """The one active adapter when this call can take the fused path, else None (peft's forward runs)."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    return name
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if (args or kwargs) else _single_plain_adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    scaling, dtype = float(self.scaling[name]), _compute_dtype(x)
+    a, b = _cast_adapter(self, lora_a, lora_b, dtype)
+    base = self.base_layer
+    if type(base) is torch.nn.Linear and not base.weight.requires_grad and (
+            base.bias is None or not base.bias.requires_grad):
+        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, dtype, a, b)
+    return _LoraAdd.apply(base(x), x, lora_a, lora_b, scaling, dtype, a, b)
+
+
+def _cast_adapter(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's weights in the compute dtype, cast once per optimizer step rather than once per call.
+
+    Kept on the layer and reused while the weights are unchanged: their version counters move when the optimizer
+    (or anything else) writes to them in place, and a new parameter object is a new key.
+    """
+    key = (id(lora_a), lora_a._version, id(lora_b), lora_b._version, dtype)
+    cached = getattr(layer, "_usf_cast", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, lora_a.detach().to(dtype), lora_b.detach().to(dtype))
+        layer._usf_cast = cached
+    return cached[1], cached[2]
+
+
+def _linear_lora_classes() -> tuple[type, ...]:
+    """peft's LoRA layer classes whose forward is ``base(x) + lora_B(lora_A(dropout(x))) * scaling``."""
+    from peft.tuners.lora import layer
+
+    classes: list[type] = [layer.Linear]
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:  # no bitsandbytes
+        return tuple(classes)
+    classes += [getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)]
+    return tuple(classes)
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Give every peft LoRA linear layer of ``model`` the fused forward; returns how many layers got it."""
+    classes = _linear_lora_classes()
+    count = 0
+    for module in model.modules():
+        if type(module) in classes and "forward" not in vars(module):
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
