@@ -273,3 +273,82 @@ def test_fused_lora_recasts_the_adapter_after_an_in_place_update():
     after, plain = fused_and_plain()
     assert (after - before).abs().max() > 0.1
     torch.testing.assert_close(after, plain, rtol=2e-2, atol=2e-2)
+
+
+def step_examples() -> list[TokenizedExample]:
+    return [example(length, seed, seed % 7) for seed, length in enumerate([37, 20, 9, 41, 5, 30, 12, 26, 18, 33, 7, 22])]
+
+
+def test_merged_batches_keep_the_rows_in_order_within_the_budget():
+    from usf_bios.engine.data import TrainingData
+
+    data = TrainingData(step_examples(), batch_size=2, max_seq_length=48, packing=True, val_split=0.0, seed=0, pad_id=0)
+    order = data.epoch_order(0)
+    plain = [data.micro_batch(order, i) for i in range(3)]
+    merged = data.merged_batches(order, 0, 3, tokens_per_pass=200)
+    assert len(merged) < len(plain)
+    assert all(b.input_ids.shape[0] == 1 and b.real_tokens <= 200 for b in merged)
+    assert sum(b.rows for b in merged) == sum(b.rows for b in plain) == 6
+    assert sum(b.trained_tokens for b in merged) == sum(b.trained_tokens for b in plain)
+    flat = [t for b in merged for t in b.input_ids.flatten().tolist()]
+    examples_in_plain = [ex.input_ids for i in order[:6] for ex in data.train_rows[i]]
+    position = 0
+    for ids in examples_in_plain:  # every example appears whole, in the same order, one after the other
+        assert flat[position:position + len(ids)] == ids
+        position += len(ids)
+    assert position == len(flat)
+    assert data.merged_batches(order, 0, 3, tokens_per_pass=1)[0].rows == 1  # a row longer than the budget goes alone
+
+
+def train_steps(plan: SpeedPlan, steps: int = 2):
+    from usf_bios.engine.checkpoint import TrainerState
+    from usf_bios.engine.data import TrainingData
+    from usf_bios.engine.events import EventLog
+    from usf_bios.engine.loop import TrainingRun, train
+    import tempfile
+    from pathlib import Path
+
+    job = spec(batch_size=1, gradient_accumulation_steps=3, max_seq_length=48, learning_rate=1e-2,
+               gradient_checkpointing=False)
+    model, applied, _ = lora_model(dataclasses.replace(plan, merge_micro_batches=False))  # no GPU to size it by
+    applied = dataclasses.replace(applied, merge_micro_batches=plan.merge_micro_batches,
+                                  tokens_per_pass=plan.tokens_per_pass)
+    data = TrainingData(step_examples(), batch_size=1, max_seq_length=48, packing=True, val_split=0.0, seed=0, pad_id=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _s: 1.0)
+    with tempfile.TemporaryDirectory() as folder:
+        events = EventLog(Path(folder) / "events.jsonl", Path(folder) / "train.log")
+        state = TrainerState(total_steps=steps)
+        run = TrainingRun(model, optimizer, scheduler, data, CPU, job.hyperparameters, state, events,
+                          Path(folder) / "checkpoints", should_stop=lambda: False, plan=applied)
+        train(run)
+        events.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, state
+
+
+def test_merging_micro_batches_takes_the_same_optimizer_steps():
+    plain_plan = dataclasses.replace(PLAIN, attention="varlen")
+    plain, plain_state = train_steps(plain_plan)
+    merged, merged_state = train_steps(dataclasses.replace(plain_plan, merge_micro_batches=True, tokens_per_pass=200))
+    assert merged_state.samples_seen == plain_state.samples_seen == 6
+    assert merged_state.micro_batch == plain_state.micro_batch
+    assert_same((torch.zeros(()), merged), (torch.zeros(()), plain), rtol=1e-4, atol=1e-6)
+    moved = max((plain[n] - p).abs().max().item() for n, p in lora_model(plain_plan)[0].named_parameters()
+                if p.requires_grad)
+    assert moved > 1e-3  # the steps changed the adapter, so equal results mean equal steps
+
+
+def test_tokens_per_pass_fills_free_memory_up_to_a_step():
+    gib = 2**30
+    per_token = 100 * 1024
+    assert speed.tokens_per_pass(32, per_token, 3 * gib, 4096, 16384) == 0  # nothing beyond one micro-batch fits
+    fit = speed.tokens_per_pass(32, per_token, 40 * gib, 4096, 16384)
+    assert 4096 < fit < 16384 and 32 * fit * per_token <= 40 * gib - speed.HEADROOM_BYTES
+    assert speed.tokens_per_pass(32, per_token, 400 * gib, 4096, 16384) == 16384
+
+
+def test_merging_needs_varlen_attention_on_a_gpu():
+    assert resolve_plan(Performance(), Hyperparameters(), CPU).merge_micro_batches is False
+    with pytest.raises(SpeedPlanError, match="merge_micro_batches"):
+        resolve_plan(Performance(merge_micro_batches="on"), Hyperparameters(), CPU)

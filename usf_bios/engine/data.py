@@ -132,6 +132,7 @@ class Batch:
     cu_seqlens: torch.Tensor     # int32 boundaries of the examples (and padding tails) in the flattened rows
     max_seqlen: int              # the longest of those segments
     trained_index: torch.Tensor  # flat positions whose target is trained
+    rows: int = 0                # packed rows this batch holds (more than its height when they were merged)
 
     @property
     def trained_tokens(self) -> int:
@@ -140,11 +141,15 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         move = {"device": device, "non_blocking": device.type == "cuda"}
         return Batch(self.input_ids.to(**move), self.position_ids.to(**move), self.targets.to(**move), self.real_tokens,
-                     self.cu_seqlens.to(**move), self.max_seqlen, self.trained_index.to(**move))
+                     self.cu_seqlens.to(**move), self.max_seqlen, self.trained_index.to(**move), self.rows)
 
 
-def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
-    """Concatenate each row's examples and pad rows to the longest one."""
+def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int, *, as_one_row: bool = False) -> Batch:
+    """Concatenate each row's examples and pad rows to the longest one; ``as_one_row`` concatenates all the rows
+    into one (no padding at all: for variable-length attention, which keeps the examples apart anyway)."""
+    count = len(rows)
+    if as_one_row:
+        rows = [[ex for row in rows for ex in row]]
     flat = [([t for ex in row for t in ex.input_ids], [p for ex in row for p in range(len(ex.input_ids))],
              [t for ex in row for t in ex.targets]) for row in rows]
     width = max(len(ids) for ids, _, _ in flat)
@@ -160,7 +165,7 @@ def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
                  real_tokens=sum(len(ids) for ids, _, _ in flat),
                  cu_seqlens=torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32),
                  max_seqlen=max(segments),
-                 trained_index=torch.nonzero(target_tensor.flatten() != IGNORE).flatten())
+                 trained_index=torch.nonzero(target_tensor.flatten() != IGNORE).flatten(), rows=count)
 
 
 class TrainingData:
@@ -197,6 +202,21 @@ class TrainingData:
     def micro_batch(self, order: list[int], index: int) -> Batch:
         picked = order[index * self.batch_size:(index + 1) * self.batch_size]
         return collate([self.train_rows[i] for i in picked], self.pad_id)
+
+    def merged_batches(self, order: list[int], first: int, count: int, tokens_per_pass: int) -> list[Batch]:
+        """Micro-batches ``first`` .. ``first + count - 1`` as few one-row batches of at most ``tokens_per_pass``
+        tokens (a row longer than that goes alone): the same rows in the same order, fewer passes."""
+        picked = order[first * self.batch_size:(first + count) * self.batch_size]
+        groups: list[list[list[TokenizedExample]]] = []
+        filled = 0
+        for row in (self.train_rows[i] for i in picked):
+            tokens = sum(len(ex.input_ids) for ex in row)
+            if not groups or filled + tokens > tokens_per_pass:
+                groups.append([])
+                filled = 0
+            groups[-1].append(row)
+            filled += tokens
+        return [collate(group, self.pad_id, as_one_row=True) for group in groups]
 
     def validation_batches(self) -> list[Batch]:
         rows = self.val_rows

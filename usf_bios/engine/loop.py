@@ -78,7 +78,10 @@ def next_micro_batches(run: TrainingRun) -> list[Batch]:
         state.epoch, state.micro_batch = state.epoch + 1, 0
     order = data.epoch_order(state.epoch)
     take = min(run.hp.gradient_accumulation_steps, per_epoch - state.micro_batch)
-    batches = [data.micro_batch(order, state.micro_batch + i) for i in range(take)]
+    if run.plan.tokens_per_pass:
+        batches = data.merged_batches(order, state.micro_batch, take, run.plan.tokens_per_pass)
+    else:
+        batches = [data.micro_batch(order, state.micro_batch + i) for i in range(take)]
     state.micro_batch += take
     return batches
 
@@ -111,7 +114,7 @@ def train(run: TrainingRun) -> str:
                     loss = batch_loss(run, batch) / max(step_tokens, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.detach()
-                state.samples_seen += batch.input_ids.shape[0]
+                state.samples_seen += batch.rows
                 state.tokens_seen += batch.real_tokens
             if scaler:
                 scaler.unscale_(optimizer)

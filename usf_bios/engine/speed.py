@@ -10,6 +10,9 @@ model here:
 - checkpointing ``auto``: recompute only as many decoder layers as GPU memory needs (none when it fits);
   ``offload``: every layer, with its saved input kept in pinned host memory, and (without LoRA dropout) the MLP
   recomputed in slices over long sequences, for the longest contexts.
+- merge micro-batches: with varlen attention the packed rows of one optimizer step run through the model in as
+  few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
+  by the step's trained tokens, so the gradient is the same sum.
 - fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
 """
@@ -47,11 +50,15 @@ class SpeedPlan:
     fused_optimizer: bool
     checkpointing: str          # none | auto | all | offload (auto becomes a layer count in apply_checkpointing)
     fused_lora: bool = False
+    merge_micro_batches: bool = False
+    tokens_per_pass: int = 0    # set by build_model when merging: the most tokens one forward/backward pass takes
 
     def describe(self) -> str:
+        merge = f"merged micro-batches up to {self.tokens_per_pass:,} tokens a pass" if self.tokens_per_pass \
+            else "micro-batches as configured"
         return (f"attention {self.attention}, loss {self.loss}, fused kernels {'on' if self.fused_kernels else 'off'}, "
                 f"fused LoRA {'on' if self.fused_lora else 'off'}, "
-                f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}")
+                f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}, {merge}")
 
 
 def _has(module: str) -> bool:
@@ -83,7 +90,11 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
         checkpointing = "auto" if cuda and hp.quantization == "none" else "all"
     else:
         checkpointing = perf.checkpointing
+    mergeable = cuda and attention == "varlen" and hp.packing and checkpointing in ("auto", "none")
+    merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
+                    "needs a CUDA GPU, packing, varlen attention and checkpointing auto (or gradient checkpointing off)")
     return SpeedPlan(
+        merge_micro_batches=merge,
         attention=attention, loss=loss,
         fused_kernels=_switch(perf.fused_kernels, liger, "fused_kernels", liger_why),
         fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
@@ -186,11 +197,14 @@ def apply_fused_kernels(model: Any) -> None:
 # --- activation checkpointing ------------------------------------------------------------------------------------
 
 
-def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: int = 2) -> int:
+def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: int = 2, fused_lora: bool = False) -> int:
     """What one decoder layer keeps for the backward pass per token when it is not recomputed (an upper estimate).
 
     Norm inputs and fp32 statistics, q/k/v after RoPE, the attention output, the MLP's gate, up, activation and
     product, and, with LoRA dropout, the dropped copies of the LoRA inputs; 25% slack for what the sum misses.
+    With fused LoRA layers (and no dropout) the layer inputs are kept once, not again as peft's copies: three
+    hidden-sized tensors and one intermediate-sized one fewer (measured on Llama-3.1-8B: 159 KiB per token and
+    layer against 192 without, docs/benchmarks.md).
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, inter = config.hidden_size, config.intermediate_size
@@ -198,6 +212,8 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: in
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     elements = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter
+    if fused_lora and not lora_dropout:
+        elements -= 3 * hidden + inter
     if lora_dropout:
         elements += 4 * hidden + inter
     return math.ceil(1.25 * elements * dtype_bytes)
@@ -212,6 +228,22 @@ def layers_to_recompute(num_layers: int, tokens: int, per_token_bytes: int, laye
         return 0
     saving = tokens * (per_token_bytes - layer_input_bytes)
     return min(num_layers, math.ceil((keep_all - budget) / max(saving, 1)))
+
+
+def free_gpu_bytes(model: Any) -> int:
+    """GPU memory this process can still use on the model's device: free on the card plus cached but unused."""
+    device = next(p for p in model.parameters()).device
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def tokens_per_pass(num_layers: int, per_token_bytes: int, free_bytes: int, micro_batch_tokens: int,
+                    step_tokens: int) -> int:
+    """How many tokens one merged pass may take: as many as keep every layer's activations within ``free_bytes``
+    (less the headroom), at most a whole step's; 0 when that is no more than one configured micro-batch."""
+    fit = max(free_bytes - HEADROOM_BYTES, 0) // max(num_layers * per_token_bytes, 1)
+    tokens = min(step_tokens, fit)
+    return tokens if tokens > micro_batch_tokens else 0
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -286,14 +318,11 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
             if mlp is not None and not lora_dropout:  # slices would draw other dropout masks than the whole
                 mlp.forward = partial(_sliced_mlp, mlp.forward)
     elif plan.checkpointing == "auto":
-        device = next(p for p in model.parameters()).device
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         config = model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         recompute = layers_to_recompute(len(layers), tokens_per_micro_batch,
-                                        activation_bytes_per_token(config, lora_dropout, dtype_bytes),
-                                        text.hidden_size * dtype_bytes, free)
+                                        activation_bytes_per_token(config, lora_dropout, dtype_bytes, plan.fused_lora),
+                                        text.hidden_size * dtype_bytes, free_gpu_bytes(model))
     for index, layer in enumerate(layers):
         layer._gradient_checkpointing_func = function
         layer.gradient_checkpointing = index < recompute
@@ -330,7 +359,14 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         notes.append(f"loss: full logits, because {why}")
         plan = replace(plan, loss="full")
     dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
-    recomputed = apply_checkpointing(model, plan, hp.batch_size * hp.max_seq_length, hp.lora_dropout, dtype_bytes)
+    pass_tokens = hp.batch_size * hp.max_seq_length
+    if plan.merge_micro_batches:
+        merged = tokens_per_pass(len(decoder_layers(model)),
+                                 activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora),
+                                 free_gpu_bytes(model), pass_tokens, pass_tokens * hp.gradient_accumulation_steps)
+        plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
+        pass_tokens = merged or pass_tokens
+    recomputed = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
                  "their activations")
     return model, plan, notes
