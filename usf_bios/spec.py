@@ -83,9 +83,10 @@ class Performance(_Strict):
     fused_lora: Switch = Field("auto", description="Each LoRA layer as one autograd function: the scale folded into "
                                "the matrix product, no fp32 round trip of the input, no extra adds.")
     merge_micro_batches: Switch = Field(
-        "auto", description="With packing and varlen attention on a GPU: the rows of one optimizer step go through the "
+        "off", description="With packing and varlen attention on a GPU: the rows of one optimizer step go through the "
         "model in as few passes as free GPU memory holds without recomputation (the gradient is a sum over tokens, "
-        "so it is unchanged; memory use grows to what is free).")
+        "so it is unchanged; memory use grows to what is free). Off by default: about 3% faster on Llama-3.1-8B "
+        "for 2.6 times the memory.")
     checkpointing: Literal["auto", "all", "offload"] = Field(
         "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs; "
         "all recomputes every layer; offload also keeps the saved layer inputs in host memory (longest contexts).")

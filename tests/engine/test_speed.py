@@ -131,7 +131,8 @@ def test_all_switches_together_match_the_plain_path(reference, monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 11)
     fast = SpeedPlan(attention="varlen", loss="chunked", fused_kernels=False, fused_optimizer=False,
                      checkpointing="offload", fused_lora=True)
-    assert_same(loss_and_grads(fast), reference)
+    # five switches reorder the same fp32 sums (one CI machine's BLAS gave a 1.2e-5 relative difference)
+    assert_same(loss_and_grads(fast), reference, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
