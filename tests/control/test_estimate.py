@@ -12,7 +12,7 @@ from usf_bios.bench.synthetic import example_lengths
 from usf_bios.control.estimate import estimate_job, measured_mfu
 from usf_bios.spec import JobSpec
 
-REPORT = Path(__file__).resolve().parents[2] / "docs/benchmarks/nvidia-h100-80gb-hbm3-2026-11-23.json"
+REPORT = Path(__file__).resolve().parents[2] / "docs/benchmarks/nvidia-h200-2026-12-01.json"
 
 
 def measured(config: str) -> dict:
@@ -26,7 +26,7 @@ def bench_like_estimate(tmp_path: Path, config: str, **performance) -> tuple[dic
     folder.mkdir(parents=True)
     build_config(cfg.model).to_json_file(folder / "config.json")
     spec = JobSpec(name="e", base_model=cfg.model, dataset="d", performance=performance,
-                   gpu_config={"num_gpus": 1, "gpu_type": "H100"},
+                   gpu_config={"num_gpus": 1, "gpu_type": "H200"},
                    hyperparameters={"batch_size": 1, "gradient_accumulation_steps": 4, "max_seq_length": cfg.seq_len,
                                     "num_epochs": 1, "val_split": 0.0, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
                                     "lora_dropout": 0.0, "quantization": cfg.quantization, "packing": True})
@@ -43,7 +43,7 @@ def test_estimate_matches_what_the_bench_measured(tmp_path, config):
     assert tokens_per_second == pytest.approx(row["tokens_per_second"], rel=0.05)
     measured_gib = row["peak_memory_gb"] * 1e9 / 2**30
     assert estimate["peak_vram_gb"] == pytest.approx(measured_gib, rel=0.15), estimate["vram_breakdown_gb"]
-    assert "measured on the H100" in estimate["assumptions"]
+    assert "measured on the H200" in estimate["assumptions"]
 
 
 def test_mfu_grows_with_the_model_between_the_measured_points():
@@ -58,3 +58,13 @@ def test_recomputing_every_layer_or_offloading_lowers_the_estimated_memory(tmp_p
     offload, _ = bench_like_estimate(tmp_path / "c", "llama3.1-8b-lora-bf16-4096", checkpointing="offload")
     full_logits, _ = bench_like_estimate(tmp_path / "d", "llama3.1-8b-lora-bf16-4096", loss="full")
     assert offload["peak_vram_gb"] < everything["peak_vram_gb"] < auto["peak_vram_gb"] < full_logits["peak_vram_gb"]
+
+
+def test_merged_micro_batches_are_estimated_as_measured(tmp_path):
+    """With merge_micro_batches on, the bench's Llama step ran as one 16,384-token pass (raw report beside the main one)."""
+    raw = json.loads((REPORT.parent / "raw/h200-2026-12-01-merge-micro-batches-on.json").read_text())
+    row = next(r for r in raw["results"] if r["config"] == "llama3.1-8b-lora-bf16-4096")
+    merged, _ = bench_like_estimate(tmp_path / "m", "llama3.1-8b-lora-bf16-4096", merge_micro_batches="on")
+    plain, _ = bench_like_estimate(tmp_path / "p", "llama3.1-8b-lora-bf16-4096")
+    assert merged["peak_vram_gb"] == pytest.approx(row["peak_memory_gb"] * 1e9 / 2**30, rel=0.15)
+    assert merged["peak_vram_gb"] > 2 * plain["peak_vram_gb"]

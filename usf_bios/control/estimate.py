@@ -1,15 +1,17 @@
 """What a job will cost before it runs: tokens, steps, time, peak GPU memory and money.
 
-The figures come from `usf-bios bench` on the H100 (docs/benchmarks/nvidia-h100-80gb-hbm3-2026-11-23.json;
-tests/control/test_estimate.py holds the estimate to those measurements):
+The figures come from `usf-bios bench` on the H200 (docs/benchmarks/nvidia-h200-2026-12-01.json, the engine's
+default speed switches; tests/control/test_estimate.py holds the estimate to those measurements):
 
 - Time = trained tokens × 4·N FLOPs ÷ (the GPU's dense bf16 peak × the MFU our engine measured), MFU counted
   as in the bench (4·N per token, recomputation not counted, so its cost is inside the measured MFU). The MFU
   grows with the model (small models are bound by kernel launches): it is interpolated in log N between the
-  measured SmolLM2-135M and Llama-3.1-8B / Qwen2.5-7B points. Other GPUs: the H100's MFU × their peak.
+  measured SmolLM2-135M (H100, 2026-11-23) and Llama-3.1-8B points. Other GPUs: that MFU × their peak (the
+  H100 has the H200's dense bf16 peak but slower memory: it measured about 6% fewer tokens/s).
 - Peak memory = weights (embeddings and output layer stay 16-bit under quantization) + LoRA weights with their
   gradients and AdamW state + what the decoder layers keep for the backward pass (the engine's own per-token
-  estimate, ``engine.speed.activation_bytes_per_token``, and its choice of layers to recompute) + the loss slices.
+  estimate, ``engine.speed.activation_bytes_per_token``, its choice of layers to recompute and, when micro-batches
+  are merged, the tokens it puts in one pass) + the loss slices.
 - The CPU figure is what SmolLM2-135M reached on 2 cores here (~65 GFLOP/s effective).
 """
 
@@ -25,15 +27,16 @@ from usf_bios.spec import JobSpec
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "T4": 65.0}
 GPU_MEMORY_GIB = {"H100": 79.2, "H200": 139.8, "A100": 79.2, "L40S": 44.4, "A10G": 22.0, "T4": 14.6}
-# (parameters, measured MFU) of our engine on the H100, bf16 LoRA, 4096-token rows
-MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.3668), (8_030_261_248, 0.3666))
-MEASURED_QLORA_MFU_RATIO = 0.2027 / 0.3666   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA
+# (parameters, measured MFU) of our engine, bf16 LoRA, 4096-token rows: SmolLM2-135M on the H100 (2026-11-23), the
+# 7-8B models on the H200 (2026-12-01)
+MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.4712), (8_030_261_248, 0.4591))
+MEASURED_QLORA_MFU_RATIO = 0.2905 / 0.4591   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA
 CPU_EFFECTIVE_TFLOPS = 0.065
 BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 
 
 def measured_mfu(parameters: int, quantization: str) -> float:
-    """Our engine's MFU on the H100 for a model of this size, from the bench measurements."""
+    """Our engine's MFU on an H100/H200 for a model of this size, from the bench measurements."""
     points = MEASURED_LORA_MFU
     x = math.log(max(parameters, 1))
     (n0, m0), (n1, m1) = points[0], points[-1]
@@ -93,7 +96,7 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute
+    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute, tokens_per_pass
 
     hp, perf = spec.hyperparameters, spec.performance
     gib = 2**30
@@ -104,7 +107,8 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     shape = SimpleNamespace(hidden_size=h, intermediate_size=int(config.get("intermediate_size", 4 * h)),
                             num_attention_heads=int(config.get("num_attention_heads", 1)),
                             num_key_value_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"))
-    planned = activation_bytes_per_token(shape, hp.lora_dropout)      # what the engine plans with (25% slack)
+    planned = activation_bytes_per_token(shape, hp.lora_dropout,      # what the engine plans with (25% slack)
+                                         fused_lora=perf.fused_lora != "off")
     per_token = planned / 1.25
     embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
     if hp.quantization == "none":
@@ -121,6 +125,10 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
         activations = layers * layer_input + one_layer
     else:  # auto: the engine recomputes only the layers that do not fit
         free = _lookup(GPU_MEMORY_GIB, gpu_type) * gib - weights - lora_bytes
+        if perf.merge_micro_batches == "on" or (perf.merge_micro_batches == "auto" and hp.packing
+                                                 and perf.attention != "sdpa"):
+            tokens = tokens_per_pass(layers, planned, int(free), tokens, tokens * hp.gradient_accumulation_steps) or tokens
+            one_layer, layer_input = tokens * per_token, tokens * h * 2
         k = layers_to_recompute(layers, tokens, planned, h * 2, int(free))
         activations = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
     full_logits = perf.loss == "full"
@@ -157,7 +165,7 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         rate = _lookup(PEAK_TFLOPS, gpu_type) * 1e12 * mfu * gpus.num_gpus
         seconds = trained * 4 * parameters / rate
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
-                       "(our engine's MFU measured on the H100 by usf-bios bench)")
+                       "(our engine's MFU measured on the H200 by usf-bios bench)")
     breakdown = _vram(spec, config, parameters, lora, gpu_type) if peak else {}
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
     return Estimate(
