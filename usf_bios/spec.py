@@ -82,6 +82,9 @@ class Performance(_Strict):
     fused_optimizer: Switch = Field("auto", description="AdamW in one fused kernel (CUDA).")
     fused_lora: Switch = Field("auto", description="Each LoRA layer as one autograd function: the scale folded into "
                                "the matrix product, no fp32 round trip of the input, no extra adds.")
+    compile: Switch = Field(
+        "off", description="torch.compile each decoder layer (one compiled graph shared by all layers). auto is off "
+        "until measured on a GPU; the first steps take longer while it compiles.")
     merge_micro_batches: Switch = Field(
         "off", description="With packing and varlen attention on a GPU: the rows of one optimizer step go through the "
         "model in as few passes as free GPU memory holds without recomputation (the gradient is a sum over tokens, "

@@ -353,3 +353,18 @@ def test_merging_needs_varlen_attention_on_a_gpu():
     assert resolve_plan(Performance(), Hyperparameters(), CPU).merge_micro_batches is False
     with pytest.raises(SpeedPlanError, match="merge_micro_batches"):
         resolve_plan(Performance(merge_micro_batches="on"), Hyperparameters(), CPU)
+
+
+def test_compiled_layers_match_the_plain_path(reference):
+    """torch.compile (inductor, C++ on the CPU) of each decoder layer, with the other CPU switches on."""
+    plan = dataclasses.replace(PLAIN, attention="varlen", fused_lora=True, compile=True)
+    model, _, notes = lora_model(plan)
+    assert all(layer._compiled_call_impl is not None for layer in speed.decoder_layers(model))
+    assert "compiled layers" in notes[-1]
+    assert_same(loss_and_grads(plan), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_is_off_unless_asked():
+    assert resolve_plan(Performance(), Hyperparameters(), CPU).compile is False
+    assert resolve_plan(Performance(compile="auto"), Hyperparameters(), CPU).compile is False
+    assert resolve_plan(Performance(compile="on"), Hyperparameters(), CPU).compile is True

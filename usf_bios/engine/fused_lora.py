@@ -124,6 +124,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     return _LoraAdd.apply(base(x), x, lora_a, lora_b, scaling, dtype, a, b)
 
 
+@torch.compiler.disable  # a cache keyed on object ids: left to eager Python when a layer is compiled
 def _cast_adapter(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapter's weights in the compute dtype, cast once per optimizer step rather than once per call.

@@ -13,6 +13,7 @@ model here:
 - merge micro-batches: with varlen attention the packed rows of one optimizer step run through the model in as
   few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
   by the step's trained tokens, so the gradient is the same sum.
+- compile: ``torch.compile`` of each decoder layer (off unless asked: not measured on a GPU yet).
 - fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
 """
@@ -51,6 +52,7 @@ class SpeedPlan:
     checkpointing: str          # none | auto | all | offload (auto becomes a layer count in apply_checkpointing)
     fused_lora: bool = False
     merge_micro_batches: bool = False
+    compile: bool = False
     tokens_per_pass: int = 0    # set by build_model when merging: the most tokens one forward/backward pass takes
 
     def describe(self) -> str:
@@ -58,7 +60,8 @@ class SpeedPlan:
             else "micro-batches as configured"
         return (f"attention {self.attention}, loss {self.loss}, fused kernels {'on' if self.fused_kernels else 'off'}, "
                 f"fused LoRA {'on' if self.fused_lora else 'off'}, "
-                f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}, {merge}")
+                f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}, {merge}"
+                + (", compiled layers" if self.compile else ""))
 
 
 def _has(module: str) -> bool:
@@ -94,7 +97,7 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
                     "needs a CUDA GPU, packing, varlen attention and checkpointing auto (or gradient checkpointing off)")
     return SpeedPlan(
-        merge_micro_batches=merge,
+        merge_micro_batches=merge, compile=perf.compile == "on",
         attention=attention, loss=loss,
         fused_kernels=_switch(perf.fused_kernels, liger, "fused_kernels", liger_why),
         fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
@@ -336,6 +339,19 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
     return recompute
 
 
+# --- compilation -------------------------------------------------------------------------------------------------
+
+
+def compile_layers(model: Any) -> int:
+    """``torch.compile`` every decoder layer in place (regional compilation: the layers share their code, and with
+    parameters passed as graph inputs one compiled graph serves them all). Inside the checkpointing wrapper, so a
+    recomputed layer runs the compiled code too. Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)  # the token count changes between micro-batches: dynamic after the first change
+    return len(layers)
+
+
 # --- all together ------------------------------------------------------------------------------------------------
 
 
@@ -367,6 +383,8 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
     recomputed = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
+    if plan.compile:
+        compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
                  "their activations")
     return model, plan, notes
