@@ -170,7 +170,7 @@ def test_estimate_before_anything_runs(ready):
     assert gpu["lora_parameters"] > 0 and gpu["parameters"] > gpu["lora_parameters"]
     assert client.get("/jobs").json()["total"] == 0  # nothing was queued
 
-    # the same figures as the estimate computed from scratch (lengths in dataset order, the first 90% trained)
+    # the same figures as the estimate computed from scratch (every length in dataset order; the engine's split)
     from usf_bios.control.estimate import estimate_job
     from usf_bios.datasets.formats import load_dataset
     from usf_bios.datasets.stats import token_lengths

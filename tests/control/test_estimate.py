@@ -68,3 +68,26 @@ def test_merged_micro_batches_are_estimated_as_measured(tmp_path):
     plain, _ = bench_like_estimate(tmp_path / "p", "llama3.1-8b-lora-bf16-4096")
     assert merged["peak_vram_gb"] == pytest.approx(row["peak_memory_gb"] * 1e9 / 2**30, rel=0.15)
     assert merged["peak_vram_gb"] > 2 * plain["peak_vram_gb"]
+
+
+@pytest.mark.parametrize("val_split,packing", [(0.1, True), (0.25, False), (0.0, True)])
+def test_estimate_splits_and_packs_the_rows_as_the_engine_does(tmp_path, val_split, packing):
+    import random
+
+    from usf_bios.engine.data import TokenizedExample, TrainingData
+
+    rng = random.Random(3)
+    lengths = [rng.choice([rng.randint(20, 300), rng.randint(300, 700)]) for _ in range(157)]
+    folder = tmp_path / "m"
+    folder.mkdir()
+    build_config("tiny-llama").to_json_file(folder / "config.json")
+    spec = JobSpec(name="e", base_model="m", dataset="d", gpu_config={"num_gpus": 0},
+                   hyperparameters={"max_seq_length": 512, "val_split": val_split, "packing": packing, "seed": 11,
+                                    "batch_size": 2, "gradient_accumulation_steps": 1, "num_epochs": 1})
+    estimate = estimate_job(spec, lengths, folder, 1000, {}).as_dict()
+    examples = [TokenizedExample([1] * min(n, 512), [1] * min(n, 512), n > 512, i) for i, n in enumerate(lengths)]
+    data = TrainingData(examples, batch_size=2, max_seq_length=512, packing=packing, val_split=val_split, seed=11,
+                        pad_id=0)
+    assert estimate["rows_per_epoch"] == len(data.train_rows)
+    assert estimate["tokens_per_epoch"] == sum(len(ex.input_ids) for ex in data.train_examples)
+    assert estimate["steps"] == data.micro_batches_per_epoch

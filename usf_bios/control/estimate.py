@@ -144,13 +144,16 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
 
 def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
                  prices: dict[str, float]) -> Estimate:
-    """``token_lengths``: every example's length in tokens (before truncation), in dataset order; the first
-    (1 − val_split) share counts as the training split."""
+    """``token_lengths``: every example's length in tokens (before truncation), in dataset order. The training
+    split and the packed rows are the engine's own (same seeded split, same bin packing)."""
+    from usf_bios.engine.data import pack_rows, split_indices
+
     hp, gpus = spec.hyperparameters, spec.gpu_config
     config = json.loads((model_folder / "config.json").read_text())
-    train_lengths = token_lengths[: len(token_lengths) - math.floor(len(token_lengths) * hp.val_split)]
-    tokens_per_epoch = sum(min(n, hp.max_seq_length) for n in train_lengths)
-    rows = math.ceil(tokens_per_epoch / hp.max_seq_length * 1.02) if hp.packing else len(train_lengths)
+    _, train = split_indices(len(token_lengths), hp.val_split, hp.seed)
+    train_lengths = [min(token_lengths[i], hp.max_seq_length) for i in train]
+    tokens_per_epoch = sum(train_lengths)
+    rows = len(pack_rows(train_lengths, hp.max_seq_length)) if hp.packing else len(train_lengths)
     steps_per_epoch = math.ceil(math.ceil(max(rows, 1) / hp.batch_size) / hp.gradient_accumulation_steps)
     steps = hp.max_steps or steps_per_epoch * hp.num_epochs
     trained = round(tokens_per_epoch * steps / max(steps_per_epoch, 1))

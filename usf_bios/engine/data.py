@@ -168,16 +168,21 @@ def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int, *, as_one_r
                  trained_index=torch.nonzero(target_tensor.flatten() != IGNORE).flatten(), rows=count)
 
 
+def split_indices(count: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """(validation, training) example indices: a permutation seeded by ``seed``, its first share for validation."""
+    shuffled = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = math.floor(count * val_split) if count > 1 else 0
+    return shuffled[:n_val], shuffled[n_val:]
+
+
 class TrainingData:
     """Train/validation rows and the deterministic order of micro-batches in each epoch."""
 
     def __init__(self, examples: list[TokenizedExample], *, batch_size: int, max_seq_length: int,
                  packing: bool, val_split: float, seed: int, pad_id: int):
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-        generator = torch.Generator().manual_seed(seed)
-        shuffled = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
-        n_val = math.floor(len(shuffled) * val_split) if len(shuffled) > 1 else 0
-        self.val_examples, self.train_examples = shuffled[:n_val], shuffled[n_val:]
+        val, train = split_indices(len(examples), val_split, seed)
+        self.val_examples, self.train_examples = [examples[i] for i in val], [examples[i] for i in train]
         self._order: tuple[int, list[int]] = (-1, [])
         self.train_rows = self._rows(self.train_examples, packing, max_seq_length)
         self.val_rows = self._rows(self.val_examples, packing, max_seq_length)
