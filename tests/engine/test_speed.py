@@ -368,3 +368,24 @@ def test_compile_is_off_unless_asked():
     assert resolve_plan(Performance(), Hyperparameters(), CPU).compile is False
     assert resolve_plan(Performance(compile="auto"), Hyperparameters(), CPU).compile is False
     assert resolve_plan(Performance(compile="on"), Hyperparameters(), CPU).compile is True
+
+
+def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(reference, monkeypatch):
+    """Offloading only some layers' inputs (as on a GPU with room for the rest) gives the same gradients."""
+    counts = []
+    monkeypatch.setattr(speed, "_offload_count", lambda model, layers, *rest: counts.append(layers) or 1)
+    model, _, notes = lora_model(dataclasses.replace(PLAIN, checkpointing="offload"))
+    hosts = [layer._gradient_checkpointing_func.keywords["to_host"] for layer in speed.decoder_layers(model)]
+    assert hosts == [True, False, False] and "1 keep their input in host memory" in notes[-1]
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+    assert counts == [3, 3]
+
+
+def test_layers_to_offload_fills_the_gpu_first():
+    gib = 2**30
+    args = dict(num_layers=32, tokens=350_000, per_token_bytes=150_000, layer_input_bytes=8192)
+    room = 100 * gib - speed.HEADROOM_BYTES - 350_000 * 150_000
+    partly = speed.layers_to_offload(free_bytes=100 * gib, **args)
+    assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
+    assert speed.layers_to_offload(free_bytes=500 * gib, **args) == 0
+    assert speed.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits

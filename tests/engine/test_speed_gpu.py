@@ -99,6 +99,14 @@ def test_chunked_loss_matches_full_logits_on_cuda(reference):
 
 
 def test_offloaded_checkpointing_matches_on_cuda(reference):
+    """A tiny model fits: every layer's input stays on the GPU."""
+    assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+
+
+def test_inputs_offloaded_to_pinned_host_memory_match_on_cuda(reference, monkeypatch):
+    from usf_bios.engine import speed
+
+    monkeypatch.setattr(speed, "_offload_count", lambda model, layers, *rest: layers)
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
 
 

@@ -8,7 +8,7 @@ model here:
   ``torch.nn.attention.varlen`` on CUDA, one causal SDPA per example on the CPU) with the example boundaries
   computed on the host, instead of SDPA with a dense block-diagonal mask.
 - checkpointing ``auto``: recompute only as many decoder layers as GPU memory needs (none when it fits);
-  ``offload``: every layer, with its saved input kept in pinned host memory, and (without LoRA dropout) the MLP
+  ``offload``: every layer, with the saved inputs that do not fit on the GPU kept in pinned host memory, and (without LoRA dropout) the MLP
   recomputed in slices over long sequences, for the longest contexts.
 - merge micro-batches: with varlen attention the packed rows of one optimizer step run through the model in as
   few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
@@ -256,23 +256,29 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 
 
 class _OffloadedLayer(torch.autograd.Function):
-    """Run a layer without keeping its activations; its input waits in pinned host memory for the backward pass."""
+    """Run a layer without keeping its activations; its input waits for the backward pass in pinned host memory
+    (``to_host``) or where it is."""
 
     @staticmethod
-    def forward(ctx: Any, function: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+    def forward(ctx: Any, function: Callable[..., Any], to_host: bool, hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
         ctx.function, ctx.rest, ctx.device = function, rest, hidden.device
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
-        ctx.saved = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
-        ctx.saved.copy_(hidden.detach(), non_blocking=True)
+        if to_host:
+            ctx.saved = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
+            ctx.saved.copy_(hidden.detach(), non_blocking=True)
+        else:  # kept where it is; saved the checked way, so an in-place change before the backward pass is an error
+            ctx.saved = None
+            ctx.save_for_backward(hidden)
         with torch.no_grad():
             out = function(hidden, *rest)
         return out[0] if isinstance(out, tuple) else out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        hidden = ctx.saved.to(ctx.device, non_blocking=True).requires_grad_(True)
+        kept = ctx.saved if ctx.saved is not None else ctx.saved_tensors[0]
+        hidden = kept.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.rng)
@@ -284,12 +290,29 @@ class _OffloadedLayer(torch.autograd.Function):
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, grad)
         ctx.saved = None
-        return (None, hidden.grad) + (None,) * len(ctx.rest)
+        return (None, None, hidden.grad) + (None,) * len(ctx.rest)
 
 
-def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
+def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *rest: Any,
+                         to_host: bool = True) -> torch.Tensor:
     """A drop-in for ``torch.utils.checkpoint.checkpoint`` as transformers calls it for a decoder layer."""
-    return _OffloadedLayer.apply(function, hidden, *rest)
+    return _OffloadedLayer.apply(function, to_host, hidden, *rest)
+
+
+def layers_to_offload(num_layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int,
+                      free_bytes: int) -> int:
+    """How many layers' saved inputs must go to host memory: those that do not fit on the GPU beside the working
+    set of the layer being (re)computed (``tokens × per_token_bytes``, an upper estimate) and the headroom."""
+    room = free_bytes - HEADROOM_BYTES - tokens * per_token_bytes
+    on_gpu = max(0, min(num_layers, room // max(tokens * layer_input_bytes, 1)))
+    return num_layers - on_gpu
+
+
+def _offload_count(model: Any, layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int) -> int:
+    """Every layer on the CPU; on CUDA only what does not fit (see ``layers_to_offload``)."""
+    if next(p for p in model.parameters()).device.type != "cuda":
+        return layers
+    return layers_to_offload(layers, tokens, per_token_bytes, layer_input_bytes, free_gpu_bytes(model))
 
 
 def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -303,31 +326,34 @@ def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int, lora_dropout: float,
-                        dtype_bytes: int) -> int:
-    """Set which decoder layers recompute their activations; returns how many do."""
+                        dtype_bytes: int) -> tuple[int, int]:
+    """Set which decoder layers recompute their activations and, with ``offload``, which keep their saved input
+    in host memory; returns (layers recomputed, layers offloaded)."""
     from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
     if plan.checkpointing == "none" or not layers:
         for layer in layers:
             layer.gradient_checkpointing = False
-        return 0
-    function: Callable[..., Any] = partial(checkpoint, use_reentrant=False)
-    recompute = len(layers)
+        return 0, 0
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    per_token = activation_bytes_per_token(config, lora_dropout, dtype_bytes, plan.fused_lora)
+    functions: list[Callable[..., Any]] = [partial(checkpoint, use_reentrant=False)] * len(layers)
+    recompute, offloaded = len(layers), 0
     if plan.checkpointing == "offload":
-        function = offloaded_checkpoint
+        # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
+        offloaded = _offload_count(model, len(layers), tokens_per_micro_batch, per_token, text.hidden_size * dtype_bytes)
+        functions = [partial(offloaded_checkpoint, to_host=index < offloaded) for index in range(len(layers))]
         for layer in layers:
             mlp = getattr(layer, "mlp", None)
             if mlp is not None and not lora_dropout:  # slices would draw other dropout masks than the whole
                 mlp.forward = partial(_sliced_mlp, mlp.forward)
     elif plan.checkpointing == "auto":
-        config = model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        recompute = layers_to_recompute(len(layers), tokens_per_micro_batch,
-                                        activation_bytes_per_token(config, lora_dropout, dtype_bytes, plan.fused_lora),
+        recompute = layers_to_recompute(len(layers), tokens_per_micro_batch, per_token,
                                         text.hidden_size * dtype_bytes, free_gpu_bytes(model))
     for index, layer in enumerate(layers):
-        layer._gradient_checkpointing_func = function
+        layer._gradient_checkpointing_func = functions[index]
         layer.gradient_checkpointing = index < recompute
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if plan.checkpointing != "offload" and hasattr(inner, "disable_input_require_grads"):
@@ -336,7 +362,7 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
         # The offloaded layer is an autograd function and does need it.
         with contextlib.suppress(AttributeError):  # no hook was registered
             inner.disable_input_require_grads()
-    return recompute
+    return recompute, offloaded
 
 
 # --- compilation -------------------------------------------------------------------------------------------------
@@ -382,11 +408,12 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
                                  free_gpu_bytes(model), pass_tokens, pass_tokens * hp.gradient_accumulation_steps)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
-    recomputed = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
+    recomputed, offloaded = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
     if plan.compile:
         compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
-                 "their activations")
+                 "their activations" + (f", {offloaded} keep their input in host memory"
+                                        if plan.checkpointing == "offload" else ""))
     return model, plan, notes
 
 
