@@ -92,7 +92,8 @@ class Performance(_Strict):
         "for 2.6 times the memory.")
     checkpointing: Literal["auto", "all", "offload"] = Field(
         "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs; "
-        "all recomputes every layer; offload also keeps the saved layer inputs in host memory (longest contexts).")
+        "all recomputes every layer; offload also keeps in host memory the saved layer inputs that do not fit on the "
+        "GPU (longest contexts).")
 
 
 class GpuConfig(_Strict):

@@ -33,6 +33,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _adapter_grads(ctx: Any, g: torch.Tensor, flat: torch.Tensor, b: torch.Tensor, h: torch.Tensor, need_a: bool,
+                   need_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradient reaching ``h`` (scale applied) and the adapter's gradients, in the adapter's own dtypes."""
+    g_h = g @ (b * ctx.scaling)
+    grad_a = (g_h.t() @ flat).to(ctx.a_dtype) if need_a else None
+    grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.b_dtype) if need_b else None
+    return g_h, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     """out = x Wᵀ + bias + scaling · (x Aᵀ) Bᵀ with a frozen W and bias."""
 
@@ -56,14 +65,11 @@ class _LoraLinear(torch.autograd.Function):
         flat, w, a, b, h = ctx.saved_tensors
         with torch.autocast(flat.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
-            g_h = g @ (b * ctx.scaling)
-            grad_b = (g.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-            grad_a = g_h.t() @ flat if ctx.needs_input_grad[3] else None
+            g_h, grad_a, grad_b = _adapter_grads(ctx, g, flat, b, h, *ctx.needs_input_grad[3:5])
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ w).addmm_(g_h, a).view(ctx.x_shape).to(ctx.x_dtype)
-        return (grad_x, None, None, None if grad_a is None else grad_a.to(ctx.a_dtype),
-                None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None, None)
+        return (grad_x, None, None, grad_a, grad_b, None, None, None, None)
 
 
 class _LoraAdd(torch.autograd.Function):
@@ -87,13 +93,10 @@ class _LoraAdd(torch.autograd.Function):
         flat, a, b, h = ctx.saved_tensors
         with torch.autocast(flat.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
-            g_h = g @ (b * ctx.scaling)
-            grad_b = (g.t() @ h).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
-            grad_a = g_h.t() @ flat if ctx.needs_input_grad[2] else None
+            g_h, grad_a, grad_b = _adapter_grads(ctx, g, flat, b, h, *ctx.needs_input_grad[2:4])
             grad_x = (g_h @ a).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
             grad_base = grad.to(ctx.base_dtype) if ctx.needs_input_grad[0] else None
-        return (grad_base, grad_x, None if grad_a is None else grad_a.to(ctx.a_dtype),
-                None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None, None)
+        return (grad_base, grad_x, grad_a, grad_b, None, None, None, None)
 
 
 def _single_plain_adapter(layer: Any) -> str | None:

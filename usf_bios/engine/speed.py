@@ -8,13 +8,14 @@ model here:
   ``torch.nn.attention.varlen`` on CUDA, one causal SDPA per example on the CPU) with the example boundaries
   computed on the host, instead of SDPA with a dense block-diagonal mask.
 - checkpointing ``auto``: recompute only as many decoder layers as GPU memory needs (none when it fits);
-  ``offload``: every layer, with the saved inputs that do not fit on the GPU kept in pinned host memory, and (without LoRA dropout) the MLP
-  recomputed in slices over long sequences, for the longest contexts.
+  ``offload``: every layer, with the saved inputs that do not fit on the GPU kept in pinned host memory, and
+  (without LoRA dropout) the MLP recomputed in slices over long sequences, for the longest contexts.
 - merge micro-batches: with varlen attention the packed rows of one optimizer step run through the model in as
   few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
   by the step's trained tokens, so the gradient is the same sum.
 - compile: ``torch.compile`` of each decoder layer (off unless asked: not measured on a GPU yet).
-- fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused optimizer: ``torch.optim.AdamW(fused=True)``.
+- fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused
+  optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
 """
 
