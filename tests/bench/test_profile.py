@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from usf_bios.bench.profile import category, format_summary, profile_config, summarize_kernels
+from usf_bios.bench.profile import category, format_summary, idle_gaps, profile_config, summarize_kernels
 from usf_bios.spec import Performance
 
 
@@ -30,6 +30,21 @@ def test_summary_adds_up_and_ranks():
     assert list(summary["categories"]) == ["matmul", "attention", "other"]
     assert summary["categories"]["matmul"] == {"seconds": 4.0, "share": pytest.approx(0.6667, abs=1e-4)}
     assert summary["top_kernels"][0] == {"name": "aten::mm", "seconds": 4.0, "category": "matmul"}
+
+
+def test_idle_gaps_merge_overlapping_kernels_and_name_the_host_code_in_the_largest():
+    kernels = [("a", 0, 100), ("b", 50, 300), ("c", 350, 400),        # b overlaps a: the first gap is 300 → 350
+               ("d", 2_400, 2_500), ("e", 2_500, 2_600), ("f", 20_600, 20_700)]
+    host = [("step", 0, 30_000), ("collate", 500, 2_000), ("aten::tensor", 1_000, 1_500), ("log", 10_000, 20_000)]
+    idle = idle_gaps(kernels, host)
+    assert idle["idle_seconds"] == pytest.approx((50 + 2_000 + 18_000) / 1e6, abs=1e-4)
+    assert idle["gaps"]["0-0.1 ms"]["count"] == 1
+    assert idle["gaps"]["1-10 ms"]["count"] == 1 and idle["gaps"][">= 10 ms"]["count"] == 1
+    assert idle["gaps"]["0.1-1 ms"]["count"] == 0
+    largest = idle["largest"]
+    assert [g["ms"] for g in largest] == [18.0, 2.0, 0.05]
+    assert largest[0]["after_kernel"] == "e" and largest[0]["before_kernel"] == "f" and largest[0]["host"] == ["step", "log"]
+    assert largest[1]["host"] == ["step", "collate", "aten::tensor"]
 
 
 def test_profile_runs_our_side_on_the_cpu():

@@ -139,9 +139,17 @@ class Batch:
         return int(self.trained_index.numel())
 
     def to(self, device: torch.device) -> "Batch":
-        move = {"device": device, "non_blocking": device.type == "cuda"}
-        return Batch(self.input_ids.to(**move), self.position_ids.to(**move), self.targets.to(**move), self.real_tokens,
-                     self.cu_seqlens.to(**move), self.max_seqlen, self.trained_index.to(**move), self.rows)
+        """The batch on ``device``; to a GPU through pinned memory, so the copies queue behind the running kernels
+        instead of waiting for them."""
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if cuda and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=cuda)
+
+        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), self.real_tokens,
+                     move(self.cu_seqlens), self.max_seqlen, move(self.trained_index), self.rows)
 
 
 def collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int, *, as_one_row: bool = False) -> Batch:

@@ -1,6 +1,12 @@
 """The training loop: one function that reads top to bottom.
 
 micro-batches → loss → backward → clip → optimizer step → scheduler → log → eval → checkpoint → stop.
+
+The host never waits for the GPU at a step's end: a step's loss and gradient norm travel to pinned host memory
+behind a CUDA event, and are read (and logged) once the next step is queued, so the GPU runs on while the host
+logs and collates the next micro-batches. Where the loop needs a step's numbers before going on (evaluation, a
+checkpoint, a stop, the last step) it reads them first; a non-finite loss still never reaches a checkpoint.
+A step's ``step_seconds`` is the time between the ends of consecutive steps as the host sees them.
 """
 
 from __future__ import annotations
@@ -86,6 +92,37 @@ def next_micro_batches(run: TrainingRun) -> list[Batch]:
     return batches
 
 
+@dataclass
+class StepReadout:
+    """A queued step's numbers on their way to the host: (loss, gradient norm) copied without blocking into pinned
+    memory, with an event that says when the copy is done (on the CPU the values are there at once)."""
+
+    step: int
+    epoch: float
+    learning_rate: float
+    tokens: int
+    values: torch.Tensor
+    ready: Any = None   # torch.cuda.Event on CUDA
+
+    @classmethod
+    def queue(cls, step_loss: torch.Tensor, grad_norm: torch.Tensor, **fields: Any) -> "StepReadout":
+        stacked = torch.stack([step_loss.float(), grad_norm.float()])
+        if not stacked.is_cuda:
+            return cls(values=stacked, **fields)
+        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(values=host, ready=ready, **fields)
+
+    def wait(self) -> tuple[float, float]:
+        """(mean loss, gradient norm), once the step has finished."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, grad_norm = self.values.tolist()
+        return float(loss), float(grad_norm)
+
+
 def train(run: TrainingRun) -> str:
     """Run optimizer steps until ``total_steps`` or a stop request; return 'completed' or 'cancelled'."""
     model, optimizer, scheduler, state, hp, events = run.model, run.optimizer, run.scheduler, run.state, run.hp, run.events
@@ -96,16 +133,51 @@ def train(run: TrainingRun) -> str:
     progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not run.show_progress)
     task = progress.add_task("train", total=state.total_steps, completed=state.step, loss="–")
+    pending: StepReadout | None = None
+    last_end = time.perf_counter()
+
+    def report(readout: StepReadout) -> None:
+        """Wait for a queued step, then log its metric; raise on a non-finite loss."""
+        nonlocal last_end
+        mean_loss, grad_norm = readout.wait()
+        now = time.perf_counter()
+        elapsed, last_end = max(now - last_end, 1e-9), now
+        metric = {
+            "step": readout.step,
+            "epoch": readout.epoch,
+            "loss": mean_loss,
+            "learning_rate": readout.learning_rate,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "tokens": readout.tokens,
+            "step_seconds": round(elapsed, 4),
+            "tokens_per_second": round(readout.tokens / elapsed, 1),
+            "gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        }
+        events.log(f"step {readout.step}/{state.total_steps} loss {mean_loss:.4f} lr {readout.learning_rate:.3g} "
+                   f"grad_norm {grad_norm:.3f} {metric['tokens_per_second']} tok/s")
+        if not math.isfinite(mean_loss):  # in the log, not in the events (JSON has no NaN), and never checkpointed
+            raise FloatingPointError(f"the loss became {mean_loss} at step {readout.step}; lower learning_rate")
+        events.emit("metric", **metric)
+        progress.update(task, completed=readout.step, loss=f"{mean_loss:.4f}")
+
+    def settle() -> None:
+        """Report the queued step, if any: the loop is about to need its outcome."""
+        nonlocal pending
+        if pending is not None:
+            readout, pending = pending, None
+            report(readout)
+
     with progress:
         while state.step < state.total_steps:
             if run.should_stop():
+                settle()
                 if state.step > 0:
                     path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
                     events.emit("checkpoint", step=state.step, path=str(path))
                 events.log(f"stop requested: stopping at step {state.step}")
                 return "cancelled"
-            started = time.perf_counter()
-            batches = next_micro_batches(run)
+            with torch.profiler.record_function("usf.next_micro_batches"):
+                batches = next_micro_batches(run)
             step_tokens = sum(b.trained_tokens for b in batches)
             step_loss = torch.zeros((), device=device)
             for batch in batches:
@@ -128,35 +200,28 @@ def train(run: TrainingRun) -> str:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            mean_loss, grad_norm = (float(v) for v in torch.stack([step_loss, grad_norm_tensor.float()]).tolist())
-            elapsed = time.perf_counter() - started
-            metric = {
-                "step": state.step,
-                "epoch": round(state.epoch + state.micro_batch / run.data.micro_batches_per_epoch, 4),
-                "loss": mean_loss,
-                "learning_rate": learning_rate,
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "tokens": sum(b.real_tokens for b in batches),
-                "step_seconds": round(elapsed, 4),
-                "tokens_per_second": round(sum(b.real_tokens for b in batches) / elapsed, 1),
-                "gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-            }
-            events.emit("metric", **metric)
-            events.log(f"step {state.step}/{state.total_steps} loss {mean_loss:.4f} lr {learning_rate:.3g} "
-                       f"grad_norm {grad_norm:.3f} {metric['tokens_per_second']} tok/s")
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; lower learning_rate")
-            progress.update(task, completed=state.step, loss=f"{mean_loss:.4f}")
+            queued = StepReadout.queue(
+                step_loss, grad_norm_tensor, step=state.step, learning_rate=learning_rate,
+                epoch=round(state.epoch + state.micro_batch / run.data.micro_batches_per_epoch, 4),
+                tokens=sum(b.real_tokens for b in batches))
+            with torch.profiler.record_function("usf.report_previous_step"):
+                settle()     # the step before this one; this one is queued behind it and keeps the GPU busy
+            pending = queued
             if run.after_step is not None:
                 run.after_step(state.step)
-            if run.data.val_rows and (state.step % hp.eval_steps == 0 or state.step == state.total_steps):
+            evaluating = bool(run.data.val_rows) and (state.step % hp.eval_steps == 0 or state.step == state.total_steps)
+            saving = state.step % hp.save_steps == 0 and state.step < state.total_steps
+            if evaluating or saving or state.step == state.total_steps:
+                settle()
+            if evaluating:
                 events.stage("evaluating")
                 validation_loss = evaluate(run)
                 if validation_loss is not None:
                     events.emit("eval", step=state.step, validation_loss=validation_loss)
                     events.log(f"step {state.step} validation_loss {validation_loss:.4f}")
                 events.stage("training", total_steps=state.total_steps)
-            if state.step % hp.save_steps == 0 and state.step < state.total_steps:
+            if saving:
                 path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
                 events.emit("checkpoint", step=state.step, path=str(path))
+        settle()
     return "completed"
