@@ -5,11 +5,11 @@ the adapter kept in fp32 that costs, per layer and per step, a round trip of the
 casts ``x`` to the adapter's dtype, autocast casts it back), a multiply of the whole output by the scale and an
 add of two whole outputs, each again in the backward pass, plus an add of the two input gradients. Here:
 
-- forward: ``out = x Wᵀ (+ bias)``, ``h = x Aᵀ``, then ``out += scaling · h Bᵀ`` inside the matrix product
-  (``addmm_``), all in the compute dtype;
-- backward: ``g_h = g (scaling · B)``, ``grad_B = scaling · gᵀ h``, ``grad_A = g_hᵀ x`` and
-  ``grad_x = g W + g_h A`` with the second product accumulated into the first; nothing for ``x`` when it needs
-  no gradient (the first layer's inputs).
+- forward: ``out = x Wᵀ (+ bias)``, ``h = x Aᵀ``, then ``out += h (scaling · B)ᵀ`` inside the matrix product
+  (``addmm_``), all in the compute dtype; ``A`` and ``scaling · B`` are cast to it once per optimizer step;
+- backward: ``g_h = g (scaling · B)``, ``grad_B = scaling · gᵀ h`` (scaled and widened to the adapter's dtype
+  in one pass), ``grad_A = g_hᵀ x`` and ``grad_x = g W + g_h A`` with the second product accumulated into the
+  first; nothing for ``x`` when it needs no gradient (the first layer's inputs).
 
 The arithmetic is the same products, summed in another order (the scale is applied to the small factor and the
 sum is rounded once instead of twice), so losses and gradients agree with peft's path to rounding; a test holds
@@ -33,29 +33,34 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _adapter_grads(ctx: Any, g: torch.Tensor, flat: torch.Tensor, b: torch.Tensor, h: torch.Tensor, need_a: bool,
-                   need_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The gradient reaching ``h`` (scale applied) and the adapter's gradients, in the adapter's own dtypes."""
-    g_h = g @ (b * ctx.scaling)
+def _adapter_grads(ctx: Any, g: torch.Tensor, flat: torch.Tensor, b_scaled: torch.Tensor, h: torch.Tensor,
+                   need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The gradient reaching ``h`` (``b_scaled`` = scaling · B) and the adapter's gradients in its own dtypes."""
+    g_h = g @ b_scaled
     grad_a = (g_h.t() @ flat).to(ctx.a_dtype) if need_a else None
-    grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.b_dtype) if need_b else None
+    grad_b = None
+    if need_b:
+        product = g.t() @ h
+        grad_b = torch.mul(product, ctx.scaling, out=torch.empty(product.shape, dtype=ctx.b_dtype,
+                                                                   device=product.device))
     return g_h, grad_a, grad_b
 
 
 class _LoraLinear(torch.autograd.Function):
-    """out = x Wᵀ + bias + scaling · (x Aᵀ) Bᵀ with a frozen W and bias."""
+    """out = x Wᵀ + bias + (x Aᵀ) (scaling · B)ᵀ with a frozen W and bias; ``a``, ``b_scaled``: A and scaling · B in
+    the compute dtype (``lora_a``, ``lora_b`` are the parameters the gradients are for)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, dtype: torch.dtype, a: torch.Tensor,
-                b: torch.Tensor) -> torch.Tensor:
+                b_scaled: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             w = weight.to(dtype)
             out = F.linear(flat, w, None if bias is None else bias.to(dtype))
             h = flat @ a.t()
-            out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, w, a, b, h)
+            out.addmm_(h, b_scaled.t())
+        ctx.save_for_backward(flat, w, a, b_scaled, h)
         ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -73,17 +78,17 @@ class _LoraLinear(torch.autograd.Function):
 
 
 class _LoraAdd(torch.autograd.Function):
-    """out = base_out + scaling · (x Aᵀ) Bᵀ, for a base layer that computes its own product (quantized)."""
+    """out = base_out + (x Aᵀ) (scaling · B)ᵀ, for a base layer that computes its own product (quantized)."""
 
     @staticmethod
     def forward(ctx: Any, base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                scaling: float, dtype: torch.dtype, a: torch.Tensor, b_scaled: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             h = flat @ a.t()
             base = base_out.reshape(-1, base_out.shape[-1]).to(dtype)
-            out = torch.addmm(base, h, b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, a, b, h)
+            out = torch.addmm(base, h, b_scaled.t())
+        ctx.save_for_backward(flat, a, b_scaled, h)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.base_dtype = scaling, x.shape, x.dtype, base_out.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*base_out.shape[:-1], out.shape[-1]).to(base_out.dtype)
@@ -119,27 +124,27 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     scaling, dtype = float(self.scaling[name]), _compute_dtype(x)
-    a, b = _cast_adapter(self, lora_a, lora_b, dtype)
+    a, b_scaled = _cast_adapter(self, lora_a, lora_b, scaling, dtype)
     base = self.base_layer
     if type(base) is torch.nn.Linear and not base.weight.requires_grad and (
             base.bias is None or not base.bias.requires_grad):
-        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, dtype, a, b)
-    return _LoraAdd.apply(base(x), x, lora_a, lora_b, scaling, dtype, a, b)
+        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, dtype, a, b_scaled)
+    return _LoraAdd.apply(base(x), x, lora_a, lora_b, scaling, dtype, a, b_scaled)
 
 
 @torch.compiler.disable  # a cache keyed on object ids: left to eager Python when a layer is compiled
-def _cast_adapter(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor,
+def _cast_adapter(layer: Any, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter's weights in the compute dtype, cast once per optimizer step rather than once per call.
+    """A and scaling · B in the compute dtype, made once per optimizer step rather than once per call.
 
     Kept on the layer and reused while the weights are unchanged: their version counters move when the optimizer
     (or anything else) writes to them in place, and a new parameter object is a new key.
     """
-    key = (id(lora_a), lora_a._version, id(lora_b), lora_b._version, dtype)
+    key = (id(lora_a), lora_a._version, id(lora_b), lora_b._version, scaling, dtype)
     cached = getattr(layer, "_usf_cast", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, lora_a.detach().to(dtype), lora_b.detach().to(dtype))
+            cached = (key, lora_a.detach().to(dtype), (lora_b.detach() * scaling).to(dtype))
         layer._usf_cast = cached
     return cached[1], cached[2]
 

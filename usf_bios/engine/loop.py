@@ -6,7 +6,9 @@ The host never waits for the GPU at a step's end: a step's loss and gradient nor
 behind a CUDA event, and are read (and logged) once the next step is queued, so the GPU runs on while the host
 logs and collates the next micro-batches. Where the loop needs a step's numbers before going on (evaluation, a
 checkpoint, a stop, the last step) it reads them first; a non-finite loss still never reaches a checkpoint.
-A step's ``step_seconds`` is the time between the ends of consecutive steps as the host sees them.
+A step's ``step_seconds`` runs from the end of the step before it (or of the evaluation or checkpoint after that
+step) to its own end, on the device's clock: CUDA events on a GPU (the host's view would be off by however far
+it runs ahead), the host's clock on the CPU, where each step has finished when the host moves on.
 """
 
 from __future__ import annotations
@@ -92,35 +94,54 @@ def next_micro_batches(run: TrainingRun) -> list[Batch]:
     return batches
 
 
+class StepClock:
+    """Marks on the device's timeline: a CUDA event recorded behind the queued work on a GPU, the host's clock on
+    the CPU (where the work is done by the time the host moves on)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds between two marks; ``end`` must have been waited for."""
+        return start.elapsed_time(end) / 1000 if self.cuda else end - start
+
+
 @dataclass
 class StepReadout:
     """A queued step's numbers on their way to the host: (loss, gradient norm) copied without blocking into pinned
-    memory, with an event that says when the copy is done (on the CPU the values are there at once)."""
+    memory, and the step's start and end marks (see ``StepClock``); on the CPU the values are there at once."""
 
     step: int
     epoch: float
     learning_rate: float
     tokens: int
     values: torch.Tensor
-    ready: Any = None   # torch.cuda.Event on CUDA
+    started: Any
+    ended: Any
 
     @classmethod
-    def queue(cls, step_loss: torch.Tensor, grad_norm: torch.Tensor, **fields: Any) -> "StepReadout":
+    def queue(cls, step_loss: torch.Tensor, grad_norm: torch.Tensor, clock: StepClock, started: Any,
+              **fields: Any) -> "StepReadout":
         stacked = torch.stack([step_loss.float(), grad_norm.float()])
-        if not stacked.is_cuda:
-            return cls(values=stacked, **fields)
-        host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-        host.copy_(stacked, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(values=host, ready=ready, **fields)
+        if stacked.is_cuda:
+            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            stacked = host
+        return cls(values=stacked, started=started, ended=clock.mark(), **fields)
 
-    def wait(self) -> tuple[float, float]:
-        """(mean loss, gradient norm), once the step has finished."""
-        if self.ready is not None:
-            self.ready.synchronize()
+    def wait(self, clock: StepClock) -> tuple[float, float, float]:
+        """(mean loss, gradient norm, seconds the step took), once the step has finished."""
+        if clock.cuda:
+            self.ended.synchronize()
         loss, grad_norm = self.values.tolist()
-        return float(loss), float(grad_norm)
+        return float(loss), float(grad_norm), max(clock.seconds(self.started, self.ended), 1e-9)
 
 
 def train(run: TrainingRun) -> str:
@@ -134,14 +155,12 @@ def train(run: TrainingRun) -> str:
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not run.show_progress)
     task = progress.add_task("train", total=state.total_steps, completed=state.step, loss="–")
     pending: StepReadout | None = None
-    last_end = time.perf_counter()
+    clock = StepClock(device)
+    step_start = clock.mark()   # where the next step's time starts
 
     def report(readout: StepReadout) -> None:
         """Wait for a queued step, then log its metric; raise on a non-finite loss."""
-        nonlocal last_end
-        mean_loss, grad_norm = readout.wait()
-        now = time.perf_counter()
-        elapsed, last_end = max(now - last_end, 1e-9), now
+        mean_loss, grad_norm, elapsed = readout.wait(clock)
         metric = {
             "step": readout.step,
             "epoch": readout.epoch,
@@ -201,12 +220,12 @@ def train(run: TrainingRun) -> str:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             queued = StepReadout.queue(
-                step_loss, grad_norm_tensor, step=state.step, learning_rate=learning_rate,
+                step_loss, grad_norm_tensor, clock, step_start, step=state.step, learning_rate=learning_rate,
                 epoch=round(state.epoch + state.micro_batch / run.data.micro_batches_per_epoch, 4),
                 tokens=sum(b.real_tokens for b in batches))
             with torch.profiler.record_function("usf.report_previous_step"):
                 settle()     # the step before this one; this one is queued behind it and keeps the GPU busy
-            pending = queued
+            pending, step_start = queued, queued.ended
             if run.after_step is not None:
                 run.after_step(state.step)
             evaluating = bool(run.data.val_rows) and (state.step % hp.eval_steps == 0 or state.step == state.total_steps)
@@ -223,5 +242,7 @@ def train(run: TrainingRun) -> str:
             if saving:
                 path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
                 events.emit("checkpoint", step=state.step, path=str(path))
+            if evaluating or saving:
+                step_start = clock.mark()   # the next step's time leaves the evaluation and the checkpoint out
         settle()
     return "completed"

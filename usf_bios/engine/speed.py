@@ -26,7 +26,7 @@ import importlib.util
 import inspect
 import math
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable
 
 import torch
@@ -108,26 +108,53 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
 # --- attention ------------------------------------------------------------------------------------------------
 
 
-def _varlen_kernel() -> Callable[..., torch.Tensor] | None:
+@dataclass(frozen=True)
+class _VarlenCall:
+    """How this torch's ``varlen_attn`` is called, worked out once (its keywords changed between releases)."""
+
+    kernel: Callable[..., torch.Tensor]
+    causal: tuple[tuple[str, Any], ...]   # ("is_causal", True) or ("window_size", (-1, 0))
+    takes_scale: bool
+    takes_gqa_flag: bool                  # has ``enable_gqa``; without it, fewer K/V heads may work as they are
+
+
+@lru_cache(maxsize=1)
+def _varlen_call() -> _VarlenCall | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    causal = (("is_causal", True),) if "is_causal" in params else (("window_size", (-1, 0)),)
+    return _VarlenCall(varlen_attn, causal, "scale" in params, "enable_gqa" in params)
 
 
-def _causal_kwargs(kernel: Callable[..., Any], scaling: float | None, gqa: bool) -> dict[str, Any]:
-    params = inspect.signature(kernel).parameters
-    kwargs: dict[str, Any] = {}
-    if "is_causal" in params:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
-    if scaling is not None and "scale" in params:
+_native_gqa: dict[str, bool] = {}   # "ok": whether the kernel took fewer K/V heads than query heads (learned once)
+
+
+def _flash_varlen(call: _VarlenCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: int, scaling: float | None) -> torch.Tensor:
+    """The flash kernel over packed examples. Grouped K/V heads go in as they are (the kernel shares each among its
+    query heads); only a kernel that refuses them gets them repeated to the query's head count."""
+    kwargs: dict[str, Any] = dict(call.causal)
+    if scaling is not None and call.takes_scale:
         kwargs["scale"] = scaling
-    if gqa:
-        kwargs["enable_gqa"] = True
-    return kwargs
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        if call.takes_gqa_flag:
+            kwargs["enable_gqa"] = True
+        elif _native_gqa.get("ok") is not False:
+            try:
+                out = call.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+                _native_gqa["ok"] = True
+                return out
+            except (RuntimeError, ValueError):
+                if _native_gqa.get("ok"):
+                    raise
+                _native_gqa["ok"] = False
+        if not kwargs.get("enable_gqa"):
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    return call.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def _per_example_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -160,15 +187,11 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], dim)
-    kernel = _varlen_kernel() if q.is_cuda else None
-    if kernel is None:
+    call = _varlen_call() if q.is_cuda else None
+    if call is None:
         out = _per_example_attention(q, k, v, cu_seqlens, scaling)
     else:
-        gqa = k.shape[1] != heads
-        if gqa and "enable_gqa" not in inspect.signature(kernel).parameters:
-            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
-            gqa = False
-        out = kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **_causal_kwargs(kernel, scaling, gqa))
+        out = _flash_varlen(call, q, k, v, cu_seqlens, max_seqlen, scaling)
     return out.view(batch, length, heads, dim), None
 
 
