@@ -129,6 +129,8 @@ def bench(
     context_start: Annotated[int, typer.Option(min=256)] = 32_768,
     context_limit: Annotated[int, typer.Option(min=256)] = 524_288,
     context_resolution: Annotated[int, typer.Option(min=64)] = 8_192,
+    context_gpu_memory: Annotated[Optional[float], typer.Option(
+        help="Search as on a card with this much memory in GB (85.5 = an H100 80GB); the rest is held aside.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds allowed for each side of each configuration.")] = 1800,
     list_configs: Annotated[bool, typer.Option("--list", help="List the configurations and exit.")] = False,
 ) -> None:
@@ -156,7 +158,8 @@ def bench(
         raise _fail(f"--performance: not valid JSON: {err}") from None
     except ValidationError as err:
         raise _fail("--performance: " + "; ".join(format_validation_error(err))) from None
-    search = ContextSearch(context, context_layers, context_start, context_limit, context_resolution) if context else None
+    search = ContextSearch(context, context_layers, context_start, context_limit, context_resolution,
+                           context_gpu_memory) if context else None
     try:
         path = run_bench(config or ([] if context else DEFAULT_BENCH), out_dir=out, performance=perf,
                          timeout=timeout, sides=sides, context=search, log=lambda line: console.print(line, highlight=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -383,9 +384,26 @@ def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(referenc
 
 def test_layers_to_offload_fills_the_gpu_first():
     gib = 2**30
-    args = dict(num_layers=32, tokens=350_000, per_token_bytes=150_000, layer_input_bytes=8192)
+    args = dict(num_layers=32, working_bytes=350_000 * 150_000, layer_input_bytes=350_000 * 8192)
     room = 100 * gib - speed.HEADROOM_BYTES - 350_000 * 150_000
     partly = speed.layers_to_offload(free_bytes=100 * gib, **args)
     assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
     assert speed.layers_to_offload(free_bytes=500 * gib, **args) == 0
     assert speed.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
+
+
+def test_offload_working_set_counts_one_mlp_slice_not_the_whole_sequence():
+    from usf_bios.bench.configs import build_config
+
+    llama = build_config("llama3.1-8b")
+    tokens = 352_256
+    whole = tokens * speed.activation_bytes_per_token(llama, 0.0, fused_lora=True)
+    sliced = speed.offload_working_bytes(llama, tokens, 0.0, fused_lora=True)
+    # Llama-3.1-8B: 30,720 elements per token outside the MLP; 3 x 14,336 per token of one 16k-token slice inside
+    assert sliced == math.ceil(1.25 * (30_720 * tokens + 3 * 14_336 * speed.MLP_SLICE_TOKENS) * 2)
+    assert sliced < 0.45 * whole
+    # short sequences and LoRA dropout (no slicing) keep the whole layer
+    short = 4096 * speed.activation_bytes_per_token(llama, 0.0, fused_lora=True)
+    assert speed.offload_working_bytes(llama, 4096, 0.0, fused_lora=True) == pytest.approx(short, rel=1e-6)
+    dropout = tokens * speed.activation_bytes_per_token(llama, 0.1)
+    assert speed.offload_working_bytes(llama, tokens, 0.1) == pytest.approx(dropout, rel=1e-6)

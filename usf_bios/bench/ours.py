@@ -84,11 +84,12 @@ def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, per
 
 
 def longest_context(model: Any, cfg: BenchConfig, performance: Performance, *, start: int, limit: int,
-                    resolution: int, log: Any = print) -> dict[str, Any]:
+                    resolution: int, held_bytes: int = 0, log: Any = print) -> dict[str, Any]:
     """The longest single example (batch 1) for which one full optimizer step runs, by doubling then bisection.
 
     One step = forward, backward and AdamW on the LoRA weights, through the engine's model setup and loss.
-    Running out of GPU memory is the only failure that ends a trial; anything else is raised.
+    Running out of GPU memory is the only failure that ends a trial; anything else is raised. ``held_bytes``:
+    memory taken beforehand to stand for a smaller card, left out of the reported peaks.
     """
     spec = bench_spec(cfg, max_steps=1, accumulation=1, max_seq_length=limit, performance=performance)
     placement = _placement(model, cfg)
@@ -118,7 +119,8 @@ def longest_context(model: Any, cfg: BenchConfig, performance: Performance, *, s
         optimizer.zero_grad(set_to_none=True)
         started[1].record()
         torch.cuda.synchronize()
-        trial = {"tokens": length, "fits": ok, "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        trial = {"tokens": length, "fits": ok,
+                 "peak_memory_gb": round((torch.cuda.max_memory_allocated() - held_bytes) / 1e9, 2),
                  "seconds": round(started[0].elapsed_time(started[1]) / 1000, 1)}
         trials.append(trial)
         log(f"context {length}: {'fits' if ok else 'out of memory'} (peak {trial['peak_memory_gb']} GB, "

@@ -24,6 +24,7 @@ class ContextSearch:
     start: int = 32_768
     limit: int = 524_288
     resolution: int = 8_192
+    gpu_memory_gb: float | None = None  # search as on a card with this much memory (the rest held as ballast)
 
 
 def run_worker(config: str, side: str, performance: Performance, timeout: float, *,
@@ -88,9 +89,12 @@ def run_bench(configs: list[str], *, out_dir: Path, performance: Performance, ti
                  "--context-resolution", str(context.resolution)]
         if context.layers:
             extra += ["--layers", str(context.layers)]
+        if context.gpu_memory_gb:
+            extra += ["--gpu-memory-gb", str(context.gpu_memory_gb)]
         result = run_worker(context.config, "context", performance, timeout, extra_args=extra)
         gpu, torch_version = result.get("gpu", gpu), result.get("torch", torch_version)
-        details["context_search"] = {"config": context.config, **result.get("context", {}), "error": result.get("error")}
+        details["context_search"] = {"config": context.config, **result.get("context", {}), "error": result.get("error"),
+                                     "notes": result.get("notes", [])}
         path = save()
     assert path is not None or not configs
     return path if path is not None else save()

@@ -28,8 +28,19 @@ def _device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def hold_beyond(device: torch.device, gpu_memory_gb: float) -> torch.Tensor:
+    """Take the card's memory beyond ``gpu_memory_gb`` (decimal GB of total memory, as a smaller card has) so that
+    what follows sees a smaller card's free memory; keep the returned tensor alive while it should."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    extra = int(total - gpu_memory_gb * 1e9)
+    if extra <= 0:
+        raise ValueError(f"--gpu-memory-gb {gpu_memory_gb:g}: this card has only {total / 1e9:.1f} GB")
+    return torch.empty(extra, dtype=torch.uint8, device=device)
+
+
 def run_side(config_name: str, side: str, performance: Performance, *, layers: int | None = None,
-             context_start: int = 32_768, context_limit: int = 524_288, context_resolution: int = 8_192) -> dict[str, Any]:
+             context_start: int = 32_768, context_limit: int = 524_288, context_resolution: int = 8_192,
+             gpu_memory_gb: float | None = None) -> dict[str, Any]:
     cfg = get_config(config_name)
     device = _device()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
@@ -38,6 +49,14 @@ def run_side(config_name: str, side: str, performance: Performance, *, layers: i
                               "notes": [], "error": None}
     started = time.perf_counter()
     try:
+        held = 0
+        if gpu_memory_gb:
+            if side != "context" or device.type != "cuda":
+                raise ValueError("--gpu-memory-gb applies to the context search on a GPU")
+            card = hold_beyond(device, gpu_memory_gb)
+            held = card.numel()
+            result["notes"].append(f"searched as on a {gpu_memory_gb:g} GB card: {held / 1e9:.2f} GB of this card held "
+                                   "aside (left out of the peaks)")
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.quantization, device, dtype, layers=layers)
         vocab = model.config.vocab_size
@@ -54,7 +73,7 @@ def run_side(config_name: str, side: str, performance: Performance, *, layers: i
                                        "for the other layers' weights")
 
             result["context"] = longest_context(model, cfg, performance, start=context_start, limit=context_limit,
-                                                resolution=context_resolution,
+                                                resolution=context_resolution, held_bytes=held,
                                                 log=lambda line: print(line, flush=True))
             result["context"]["layers"] = layers or model.config.num_hidden_layers
         else:
@@ -91,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-start", type=int, default=32_768)
     parser.add_argument("--context-limit", type=int, default=524_288)
     parser.add_argument("--context-resolution", type=int, default=8_192)
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="Search the context as on a card with this much memory (decimal GB)")
     args = parser.parse_args(argv)
     performance = Performance.model_validate(json.loads(args.performance))
     result = run_side(args.config, args.side, performance, layers=args.layers, context_start=args.context_start,
-                      context_limit=args.context_limit, context_resolution=args.context_resolution)
+                      context_limit=args.context_limit, context_resolution=args.context_resolution,
+                      gpu_memory_gb=args.gpu_memory_gb)
     args.out.write_text(json.dumps(result, indent=1))
     if result["error"]:
         print(f"{args.config} {args.side}: {result['error']}", file=sys.stderr)

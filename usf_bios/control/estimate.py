@@ -96,7 +96,8 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute, tokens_per_pass
+    from usf_bios.engine.speed import (HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute,
+                                      offload_working_bytes, tokens_per_pass)
 
     hp, perf = spec.hyperparameters, spec.performance
     gib = 2**30
@@ -119,8 +120,8 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     one_layer, layer_input = tokens * per_token, tokens * h * 2
     if not hp.gradient_checkpointing:
         activations = layers * one_layer
-    elif perf.checkpointing == "offload":
-        activations = one_layer
+    elif perf.checkpointing == "offload":  # one layer at a time, its MLP in slices; the inputs that fit stay too
+        activations = offload_working_bytes(shape, tokens, hp.lora_dropout, fused_lora=perf.fused_lora != "off") / 1.25
     elif perf.checkpointing == "all" or hp.quantization != "none" or spec.gpu_config.num_gpus == 0:
         activations = layers * layer_input + one_layer
     else:  # auto: the engine recomputes only the layers that do not fit

@@ -224,6 +224,22 @@ def apply_fused_kernels(model: Any) -> None:
 # --- activation checkpointing ------------------------------------------------------------------------------------
 
 
+def _layer_elements(config: Any, lora_dropout: float, fused_lora: bool) -> tuple[int, int]:
+    """Elements one decoder layer keeps per token for the backward pass: (outside the MLP's intermediate-sized
+    tensors, inside them)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    outer, mlp = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim, 4 * inter
+    if fused_lora and not lora_dropout:
+        outer, mlp = outer - 3 * hidden, mlp - inter
+    if lora_dropout:
+        outer, mlp = outer + 4 * hidden, mlp + inter
+    return outer, mlp
+
+
 def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: int = 2, fused_lora: bool = False) -> int:
     """What one decoder layer keeps for the backward pass per token when it is not recomputed (an upper estimate).
 
@@ -233,17 +249,17 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: in
     hidden-sized tensors and one intermediate-sized one fewer (measured on Llama-3.1-8B: 159 KiB per token and
     layer against 192 without, docs/benchmarks.md).
     """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    elements = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter
-    if fused_lora and not lora_dropout:
-        elements -= 3 * hidden + inter
-    if lora_dropout:
-        elements += 4 * hidden + inter
-    return math.ceil(1.25 * elements * dtype_bytes)
+    return math.ceil(1.25 * sum(_layer_elements(config, lora_dropout, fused_lora)) * dtype_bytes)
+
+
+def offload_working_bytes(config: Any, tokens: int, lora_dropout: float, dtype_bytes: int = 2,
+                          fused_lora: bool = False) -> int:
+    """GPU memory one layer needs while it is recomputed and differentiated under ``checkpointing: offload``: its
+    activations, except that the MLP (sliced when there is no LoRA dropout) holds only one slice's intermediate
+    tensors at a time; 25% slack as in ``activation_bytes_per_token``."""
+    outer, mlp = _layer_elements(config, lora_dropout, fused_lora)
+    mlp_tokens = tokens if lora_dropout else min(tokens, MLP_SLICE_TOKENS)
+    return math.ceil(1.25 * (outer * tokens + mlp * mlp_tokens) * dtype_bytes)
 
 
 def layers_to_recompute(num_layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int,
@@ -323,20 +339,19 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *re
     return _OffloadedLayer.apply(function, to_host, hidden, *rest)
 
 
-def layers_to_offload(num_layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int,
-                      free_bytes: int) -> int:
-    """How many layers' saved inputs must go to host memory: those that do not fit on the GPU beside the working
-    set of the layer being (re)computed (``tokens × per_token_bytes``, an upper estimate) and the headroom."""
-    room = free_bytes - HEADROOM_BYTES - tokens * per_token_bytes
-    on_gpu = max(0, min(num_layers, room // max(tokens * layer_input_bytes, 1)))
+def layers_to_offload(num_layers: int, working_bytes: int, layer_input_bytes: int, free_bytes: int) -> int:
+    """How many layers' saved inputs (``layer_input_bytes`` each) must go to host memory: those that do not fit on
+    the GPU beside the working set of the layer being recomputed (``offload_working_bytes``) and the headroom."""
+    room = free_bytes - HEADROOM_BYTES - working_bytes
+    on_gpu = max(0, min(num_layers, room // max(layer_input_bytes, 1)))
     return num_layers - on_gpu
 
 
-def _offload_count(model: Any, layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int) -> int:
+def _offload_count(model: Any, layers: int, working_bytes: int, layer_input_bytes: int) -> int:
     """Every layer on the CPU; on CUDA only what does not fit (see ``layers_to_offload``)."""
     if next(p for p in model.parameters()).device.type != "cuda":
         return layers
-    return layers_to_offload(layers, tokens, per_token_bytes, layer_input_bytes, free_gpu_bytes(model))
+    return layers_to_offload(layers, working_bytes, layer_input_bytes, free_gpu_bytes(model))
 
 
 def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +382,8 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
     recompute, offloaded = len(layers), 0
     if plan.checkpointing == "offload":
         # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
-        offloaded = _offload_count(model, len(layers), tokens_per_micro_batch, per_token, text.hidden_size * dtype_bytes)
+        working = offload_working_bytes(config, tokens_per_micro_batch, lora_dropout, dtype_bytes, plan.fused_lora)
+        offloaded = _offload_count(model, len(layers), working, tokens_per_micro_batch * text.hidden_size * dtype_bytes)
         functions = [partial(offloaded_checkpoint, to_host=index < offloaded) for index in range(len(layers))]
         for layer in layers:
             mlp = getattr(layer, "mlp", None)
