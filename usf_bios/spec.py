@@ -84,7 +84,8 @@ class Performance(_Strict):
                                "the matrix product, no fp32 round trip of the input, no extra adds.")
     compile: Switch = Field(
         "off", description="torch.compile each decoder layer (one compiled graph shared by all layers). auto is off "
-        "until measured on a GPU; the first steps take longer while it compiles.")
+        "until measured against the eager path on a GPU; the first steps take longer while it compiles. Liger's "
+        "kernels (fused_kernels) do not work inside compiled layers, so compile on leaves them out.")
     merge_micro_batches: Switch = Field(
         "auto", description="With packing, varlen attention and checkpointing auto on a GPU: the rows of one optimizer "
         "step go through the model in as few passes as free GPU memory holds without recomputation (the gradient is "

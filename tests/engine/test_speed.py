@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -365,6 +364,17 @@ def test_compiled_layers_match_the_plain_path(reference):
     assert_same(loss_and_grads(plan), reference, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_leaves_out_the_liger_kernels_that_break_compiled_layers():
+    why = "needs liger"
+    assert speed._fused_kernels(Performance(), True, why) is True
+    assert speed._fused_kernels(Performance(compile="on"), True, why) is False
+    assert speed._fused_kernels(Performance(compile="on", fused_kernels="off"), True, why) is False
+    with pytest.raises(SpeedPlanError, match="fused_kernels: Liger's kernels do not work inside compiled layers"):
+        speed._fused_kernels(Performance(compile="on", fused_kernels="on"), True, why)
+    with pytest.raises(SpeedPlanError, match="fused_kernels: needs liger"):
+        speed._fused_kernels(Performance(fused_kernels="on"), False, why)
+
+
 def test_compile_is_off_unless_asked():
     assert resolve_plan(Performance(), Hyperparameters(), CPU).compile is False
     assert resolve_plan(Performance(compile="auto"), Hyperparameters(), CPU).compile is False
@@ -390,20 +400,3 @@ def test_layers_to_offload_fills_the_gpu_first():
     assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
     assert speed.layers_to_offload(free_bytes=500 * gib, **args) == 0
     assert speed.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
-
-
-def test_offload_working_set_counts_one_mlp_slice_not_the_whole_sequence():
-    from usf_bios.bench.configs import build_config
-
-    llama = build_config("llama3.1-8b")
-    tokens = 352_256
-    whole = tokens * speed.activation_bytes_per_token(llama, 0.0, fused_lora=True)
-    sliced = speed.offload_working_bytes(llama, tokens, 0.0, fused_lora=True)
-    # Llama-3.1-8B: 30,720 elements per token outside the MLP; 3 x 14,336 per token of one 16k-token slice inside
-    assert sliced == math.ceil(1.25 * (30_720 * tokens + 3 * 14_336 * speed.MLP_SLICE_TOKENS) * 2)
-    assert sliced < 0.45 * whole
-    # short sequences and LoRA dropout (no slicing) keep the whole layer
-    short = 4096 * speed.activation_bytes_per_token(llama, 0.0, fused_lora=True)
-    assert speed.offload_working_bytes(llama, 4096, 0.0, fused_lora=True) == pytest.approx(short, rel=1e-6)
-    dropout = tokens * speed.activation_bytes_per_token(llama, 0.1)
-    assert speed.offload_working_bytes(llama, tokens, 0.1) == pytest.approx(dropout, rel=1e-6)

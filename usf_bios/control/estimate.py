@@ -11,7 +11,8 @@ default speed switches; tests/control/test_estimate.py holds the estimate to tho
 - Peak memory = weights (embeddings and output layer stay 16-bit under quantization) + LoRA weights with their
   gradients and AdamW state + what the decoder layers keep for the backward pass (the engine's own per-token
   estimate, ``engine.speed.activation_bytes_per_token``, its choice of layers to recompute and, when micro-batches
-  are merged, the tokens it puts in one pass) + the loss slices.
+  are merged (the default where packing and varlen attention allow), the tokens it puts in one pass, as many as the
+  card's memory holds) + the loss slices.
 - The CPU figure is what SmolLM2-135M reached on 2 cores here (~65 GFLOP/s effective).
 """
 
@@ -29,8 +30,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 GPU_MEMORY_GIB = {"H100": 79.2, "H200": 139.8, "A100": 79.2, "L40S": 44.4, "A10G": 22.0, "T4": 14.6}
 # (parameters, measured MFU) of our engine, bf16 LoRA, 4096-token rows: SmolLM2-135M on the H100 (2026-11-23), the
 # 7-8B models on the H200 (2026-12-01)
-MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.4712), (8_030_261_248, 0.4591))
-MEASURED_QLORA_MFU_RATIO = 0.2905 / 0.4591   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA
+MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.4909), (8_030_261_248, 0.5007))
+MEASURED_QLORA_MFU_RATIO = 0.2905 / 0.5007   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA, same day
 CPU_EFFECTIVE_TFLOPS = 0.065
 BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 
@@ -96,8 +97,7 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.speed import (HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute,
-                                      offload_working_bytes, tokens_per_pass)
+    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute, tokens_per_pass
 
     hp, perf = spec.hyperparameters, spec.performance
     gib = 2**30
@@ -120,8 +120,8 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     one_layer, layer_input = tokens * per_token, tokens * h * 2
     if not hp.gradient_checkpointing:
         activations = layers * one_layer
-    elif perf.checkpointing == "offload":  # one layer at a time, its MLP in slices; the inputs that fit stay too
-        activations = offload_working_bytes(shape, tokens, hp.lora_dropout, fused_lora=perf.fused_lora != "off") / 1.25
+    elif perf.checkpointing == "offload":
+        activations = one_layer
     elif perf.checkpointing == "all" or hp.quantization != "none" or spec.gpu_config.num_gpus == 0:
         activations = layers * layer_input + one_layer
     else:  # auto: the engine recomputes only the layers that do not fit

@@ -13,7 +13,8 @@ model here:
 - merge micro-batches: with varlen attention the packed rows of one optimizer step run through the model in as
   few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
   by the step's trained tokens, so the gradient is the same sum.
-- compile: ``torch.compile`` of each decoder layer (off unless asked: not measured on a GPU yet).
+- compile: ``torch.compile`` of each decoder layer (off unless asked; without Liger's kernels, which fail inside
+  compiled layers on a GPU; its speed is not measured against the eager path yet).
 - fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused
   optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
@@ -75,6 +76,17 @@ def _switch(value: str, available: bool, field: str, why: str) -> bool:
     return value == "on" or (value == "auto" and available)
 
 
+def _fused_kernels(perf: Performance, liger: bool, liger_why: str) -> bool:
+    """Liger's kernels, except under ``compile``: on a GPU the compiled layers' backward pass received gradients of
+    the wrong rank through them (docs/benchmarks.md), so ``auto`` leaves them out and ``on`` is refused."""
+    if perf.compile == "on" and liger and perf.fused_kernels != "off":
+        if perf.fused_kernels == "on":
+            raise SpeedPlanError("performance.fused_kernels: Liger's kernels do not work inside compiled layers; "
+                                 "set fused_kernels to auto or off with compile on")
+        return False
+    return _switch(perf.fused_kernels, liger, "fused_kernels", liger_why)
+
+
 def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -> SpeedPlan:
     """The concrete choices for this job on this machine; errors name the field that cannot be honoured."""
     cuda = placement.device.type == "cuda"
@@ -100,7 +112,7 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
     return SpeedPlan(
         merge_micro_batches=merge, compile=perf.compile == "on",
         attention=attention, loss=loss,
-        fused_kernels=_switch(perf.fused_kernels, liger, "fused_kernels", liger_why),
+        fused_kernels=_fused_kernels(perf, liger, liger_why),
         fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
         checkpointing=checkpointing, fused_lora=perf.fused_lora != "off")
 
@@ -224,22 +236,6 @@ def apply_fused_kernels(model: Any) -> None:
 # --- activation checkpointing ------------------------------------------------------------------------------------
 
 
-def _layer_elements(config: Any, lora_dropout: float, fused_lora: bool) -> tuple[int, int]:
-    """Elements one decoder layer keeps per token for the backward pass: (outside the MLP's intermediate-sized
-    tensors, inside them)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    outer, mlp = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim, 4 * inter
-    if fused_lora and not lora_dropout:
-        outer, mlp = outer - 3 * hidden, mlp - inter
-    if lora_dropout:
-        outer, mlp = outer + 4 * hidden, mlp + inter
-    return outer, mlp
-
-
 def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: int = 2, fused_lora: bool = False) -> int:
     """What one decoder layer keeps for the backward pass per token when it is not recomputed (an upper estimate).
 
@@ -248,18 +244,22 @@ def activation_bytes_per_token(config: Any, lora_dropout: float, dtype_bytes: in
     With fused LoRA layers (and no dropout) the layer inputs are kept once, not again as peft's copies: three
     hidden-sized tensors and one intermediate-sized one fewer (measured on Llama-3.1-8B: 159 KiB per token and
     layer against 192 without, docs/benchmarks.md).
+
+    It is also the working set of one layer under ``checkpointing: offload``. A finer count there (the MLP one
+    16k-token slice at a time) kept 16 of 32 Llama-3.1-8B layer inputs on an 85.5 GB card at 352,256 tokens and ran
+    out of memory (docs/benchmarks.md), so long contexts plan with the whole layer.
     """
-    return math.ceil(1.25 * sum(_layer_elements(config, lora_dropout, fused_lora)) * dtype_bytes)
-
-
-def offload_working_bytes(config: Any, tokens: int, lora_dropout: float, dtype_bytes: int = 2,
-                          fused_lora: bool = False) -> int:
-    """GPU memory one layer needs while it is recomputed and differentiated under ``checkpointing: offload``: its
-    activations, except that the MLP (sliced when there is no LoRA dropout) holds only one slice's intermediate
-    tensors at a time; 25% slack as in ``activation_bytes_per_token``."""
-    outer, mlp = _layer_elements(config, lora_dropout, fused_lora)
-    mlp_tokens = tokens if lora_dropout else min(tokens, MLP_SLICE_TOKENS)
-    return math.ceil(1.25 * (outer * tokens + mlp * mlp_tokens) * dtype_bytes)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    elements = 8 * hidden + 2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * inter
+    if fused_lora and not lora_dropout:
+        elements -= 3 * hidden + inter
+    if lora_dropout:
+        elements += 4 * hidden + inter
+    return math.ceil(1.25 * elements * dtype_bytes)
 
 
 def layers_to_recompute(num_layers: int, tokens: int, per_token_bytes: int, layer_input_bytes: int,
@@ -341,7 +341,8 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *re
 
 def layers_to_offload(num_layers: int, working_bytes: int, layer_input_bytes: int, free_bytes: int) -> int:
     """How many layers' saved inputs (``layer_input_bytes`` each) must go to host memory: those that do not fit on
-    the GPU beside the working set of the layer being recomputed (``offload_working_bytes``) and the headroom."""
+    the GPU beside the working set of the layer being recomputed (tokens × ``activation_bytes_per_token``) and the
+    headroom."""
     room = free_bytes - HEADROOM_BYTES - working_bytes
     on_gpu = max(0, min(num_layers, room // max(layer_input_bytes, 1)))
     return num_layers - on_gpu
@@ -382,8 +383,8 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
     recompute, offloaded = len(layers), 0
     if plan.checkpointing == "offload":
         # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
-        working = offload_working_bytes(config, tokens_per_micro_batch, lora_dropout, dtype_bytes, plan.fused_lora)
-        offloaded = _offload_count(model, len(layers), working, tokens_per_micro_batch * text.hidden_size * dtype_bytes)
+        offloaded = _offload_count(model, len(layers), tokens_per_micro_batch * per_token,
+                                   tokens_per_micro_batch * text.hidden_size * dtype_bytes)
         functions = [partial(offloaded_checkpoint, to_host=index < offloaded) for index in range(len(layers))]
         for layer in layers:
             mlp = getattr(layer, "mlp", None)
