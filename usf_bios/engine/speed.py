@@ -160,6 +160,8 @@ def _flash_varlen(call: _VarlenCall, q: torch.Tensor, k: torch.Tensor, v: torch.
                 out = call.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
                 _native_gqa["ok"] = True
                 return out
+            except torch.OutOfMemoryError:  # says nothing about the heads
+                raise
             except (RuntimeError, ValueError):
                 if _native_gqa.get("ok"):
                     raise
