@@ -381,8 +381,30 @@ def test_compile_is_off_unless_asked():
     assert resolve_plan(Performance(compile="on"), Hyperparameters(), CPU).compile is True
 
 
+def test_an_offload_plan_larger_than_host_memory_is_refused_by_name():
+    gib = 2**30
+    speed.check_host_memory(80 * gib, 125 * gib)
+    speed.check_host_memory(80 * gib, None)          # cannot tell: goes ahead
+    with pytest.raises(SpeedPlanError, match=r"checkpointing: offload would keep up to 107.4 GB .* 64.4 GB available"):
+        speed.check_host_memory(100 * gib, 60 * gib)
+    assert speed.available_host_bytes() is None or speed.available_host_bytes() > 0
+
+
+def test_host_copies_come_back_whole_from_power_of_two_pieces(monkeypatch):
+    monkeypatch.setattr(speed, "OFFLOAD_PIECE_BYTES", 64)
+    tensor = torch.randn(3, 37)
+    copy = speed.HostCopy(tensor)
+    assert [p.numel() for p in copy.pieces] == [16] * 6 + [15]   # 111 fp32 values, 16 (64 bytes) a piece
+    assert all(p.data_ptr() != tensor.data_ptr() for p in copy.pieces)
+    tensor_before = tensor.clone()
+    tensor.zero_()   # the copy does not share memory with the original
+    assert torch.equal(copy.to(torch.device("cpu")), tensor_before)
+
+
 def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(reference, monkeypatch):
-    """Offloading only some layers' inputs (as on a GPU with room for the rest) gives the same gradients."""
+    """Offloading only some layers' inputs (as on a GPU with room for the rest) gives the same gradients; the
+    offloaded input travels in several pieces."""
+    monkeypatch.setattr(speed, "OFFLOAD_PIECE_BYTES", 1024)
     counts = []
     monkeypatch.setattr(speed, "_offload_count", lambda model, layers, *rest: counts.append(layers) or 1)
     model, _, notes = lora_model(dataclasses.replace(PLAIN, checkpointing="offload"))

@@ -28,6 +28,7 @@ import inspect
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -297,6 +298,34 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+OFFLOAD_PIECE_BYTES = 2**28   # host copies in pieces of this size: PyTorch's pinned-memory cache rounds each
+                              # allocation up to a power of two (a 2.9 GB layer input would take 4 GiB)
+
+
+class HostCopy:
+    """A tensor copied to (pinned, from a GPU) host memory in pieces of ``OFFLOAD_PIECE_BYTES``: every piece but the
+    last is a power of two, so the pinned-memory cache wastes at most part of one piece per tensor."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+        flat = tensor.detach().reshape(-1)
+        per_piece = max(OFFLOAD_PIECE_BYTES // flat.element_size(), 1)
+        self.pieces = []
+        for start in range(0, flat.numel(), per_piece):
+            part = flat[start:start + per_piece]
+            piece = torch.empty(part.shape, dtype=part.dtype, device="cpu", pin_memory=tensor.is_cuda)
+            piece.copy_(part, non_blocking=True)
+            self.pieces.append(piece)
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        flat, start = out.view(-1), 0
+        for piece in self.pieces:
+            flat[start:start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+        return out
+
+
 class _OffloadedLayer(torch.autograd.Function):
     """Run a layer without keeping its activations; its input waits for the backward pass in pinned host memory
     (``to_host``) or where it is."""
@@ -308,8 +337,7 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
         if to_host:
-            ctx.saved = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
-            ctx.saved.copy_(hidden.detach(), non_blocking=True)
+            ctx.saved = HostCopy(hidden)
         else:  # kept where it is; saved the checked way, so an in-place change before the backward pass is an error
             ctx.saved = None
             ctx.save_for_backward(hidden)
@@ -319,8 +347,8 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        kept = ctx.saved if ctx.saved is not None else ctx.saved_tensors[0]
-        hidden = kept.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        kept = ctx.saved.to(ctx.device) if ctx.saved is not None else ctx.saved_tensors[0]
+        hidden = kept.detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.rng)
@@ -357,6 +385,27 @@ def _offload_count(model: Any, layers: int, working_bytes: int, layer_input_byte
     return layers_to_offload(layers, working_bytes, layer_input_bytes, free_gpu_bytes(model))
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(needed: int, available: int | None) -> None:
+    """Refuse an offload plan whose layer inputs at the longest micro-batch would not fit in host memory (a job
+    that would otherwise die at its first long batch, hours in)."""
+    if available is not None and needed > 0.9 * available:
+        raise SpeedPlanError(
+            f"performance.checkpointing: offload would keep up to {needed / 1e9:.1f} GB of layer inputs in host "
+            f"memory at the longest micro-batch, and this machine has {available / 1e9:.1f} GB available; lower "
+            "hyperparameters.max_seq_length or batch_size, or use a GPU with more memory")
+
+
 def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     if tokens <= MLP_SLICE_TOKENS or not torch.is_grad_enabled():
@@ -385,8 +434,10 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
     recompute, offloaded = len(layers), 0
     if plan.checkpointing == "offload":
         # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
-        offloaded = _offload_count(model, len(layers), tokens_per_micro_batch * per_token,
-                                   tokens_per_micro_batch * text.hidden_size * dtype_bytes)
+        input_bytes = tokens_per_micro_batch * text.hidden_size * dtype_bytes
+        offloaded = _offload_count(model, len(layers), tokens_per_micro_batch * per_token, input_bytes)
+        if next(p for p in model.parameters()).is_cuda:
+            check_host_memory(offloaded * input_bytes, available_host_bytes())
         functions = [partial(offloaded_checkpoint, to_host=index < offloaded) for index in range(len(layers))]
         for layer in layers:
             mlp = getattr(layer, "mlp", None)
@@ -452,10 +503,13 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
     recomputed, offloaded = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = text.hidden_size
     if plan.compile:
         compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
-                 "their activations" + (f", {offloaded} keep their input in host memory"
+                 "their activations" + (f", {offloaded} keep their input in host memory (up to "
+                                        f"{offloaded * pass_tokens * hidden * dtype_bytes / 1e9:.1f} GB)"
                                         if plan.checkpointing == "offload" else ""))
     return model, plan, notes
 
