@@ -417,24 +417,24 @@ def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 
 
 def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int, lora_dropout: float,
-                        dtype_bytes: int) -> tuple[int, int]:
+                        dtype_bytes: int) -> tuple[int, int, int]:
     """Set which decoder layers recompute their activations and, with ``offload``, which keep their saved input
-    in host memory; returns (layers recomputed, layers offloaded)."""
+    in host memory; returns (layers recomputed, layers offloaded, their inputs' bytes at the longest micro-batch)."""
     from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
     if plan.checkpointing == "none" or not layers:
         for layer in layers:
             layer.gradient_checkpointing = False
-        return 0, 0
+        return 0, 0, 0
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     per_token = activation_bytes_per_token(config, lora_dropout, dtype_bytes, plan.fused_lora)
     functions: list[Callable[..., Any]] = [partial(checkpoint, use_reentrant=False)] * len(layers)
     recompute, offloaded = len(layers), 0
+    input_bytes = tokens_per_micro_batch * text.hidden_size * dtype_bytes
     if plan.checkpointing == "offload":
         # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
-        input_bytes = tokens_per_micro_batch * text.hidden_size * dtype_bytes
         offloaded = _offload_count(model, len(layers), tokens_per_micro_batch * per_token, input_bytes)
         if next(p for p in model.parameters()).is_cuda:
             check_host_memory(offloaded * input_bytes, available_host_bytes())
@@ -456,7 +456,7 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
         # The offloaded layer is an autograd function and does need it.
         with contextlib.suppress(AttributeError):  # no hook was registered
             inner.disable_input_require_grads()
-    return recompute, offloaded
+    return recompute, offloaded, offloaded * input_bytes
 
 
 # --- compilation -------------------------------------------------------------------------------------------------
@@ -502,15 +502,12 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
                                  free_gpu_bytes(model), pass_tokens, pass_tokens * hp.gradient_accumulation_steps)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
-    recomputed, offloaded = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = text.hidden_size
+    recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
     if plan.compile:
         compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
                  "their activations" + (f", {offloaded} keep their input in host memory (up to "
-                                        f"{offloaded * pass_tokens * hidden * dtype_bytes / 1e9:.1f} GB)"
-                                        if plan.checkpointing == "offload" else ""))
+                                        f"{host_bytes / 1e9:.1f} GB)" if plan.checkpointing == "offload" else ""))
     return model, plan, notes
 
 
