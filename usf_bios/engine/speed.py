@@ -153,10 +153,10 @@ def _flash_varlen(call: _VarlenCall, q: torch.Tensor, k: torch.Tensor, v: torch.
     if scaling is not None and call.takes_scale:
         kwargs["scale"] = scaling
     heads = q.shape[1]
-    if k.shape[1] != heads:
-        if call.takes_gqa_flag:
-            kwargs["enable_gqa"] = True
-        elif _native_gqa.get("ok") is not False:
+    if k.shape[1] != heads and call.takes_gqa_flag:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != heads:
+        if _native_gqa.get("ok") is not False:
             try:
                 out = call.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
                 _native_gqa["ok"] = True
@@ -167,8 +167,7 @@ def _flash_varlen(call: _VarlenCall, q: torch.Tensor, k: torch.Tensor, v: torch.
                 if _native_gqa.get("ok"):
                     raise
                 _native_gqa["ok"] = False
-        if not kwargs.get("enable_gqa"):
-            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
     return call.kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
@@ -379,10 +378,13 @@ def layers_to_offload(num_layers: int, working_bytes: int, layer_input_bytes: in
 
 
 def _offload_count(model: Any, layers: int, working_bytes: int, layer_input_bytes: int) -> int:
-    """Every layer on the CPU; on CUDA only what does not fit (see ``layers_to_offload``)."""
+    """Every layer on the CPU; on CUDA only what does not fit (see ``layers_to_offload``), refused when that much
+    would not fit in host memory either (``check_host_memory``)."""
     if next(p for p in model.parameters()).device.type != "cuda":
         return layers
-    return layers_to_offload(layers, working_bytes, layer_input_bytes, free_gpu_bytes(model))
+    offloaded = layers_to_offload(layers, working_bytes, layer_input_bytes, free_gpu_bytes(model))
+    check_host_memory(offloaded * layer_input_bytes, available_host_bytes())
+    return offloaded
 
 
 def available_host_bytes() -> int | None:
@@ -416,10 +418,11 @@ def _sliced_mlp(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return torch.cat(parts).view(*x.shape[:-1], -1)
 
 
-def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int, lora_dropout: float,
-                        dtype_bytes: int) -> tuple[int, int, int]:
+def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int, per_token: int,
+                        lora_dropout: float, dtype_bytes: int) -> tuple[int, int, int]:
     """Set which decoder layers recompute their activations and, with ``offload``, which keep their saved input
-    in host memory; returns (layers recomputed, layers offloaded, their inputs' bytes at the longest micro-batch)."""
+    in host memory (``per_token``: ``activation_bytes_per_token``); returns (layers recomputed, layers offloaded,
+    their inputs' bytes at the longest micro-batch)."""
     from torch.utils.checkpoint import checkpoint
 
     layers = decoder_layers(model)
@@ -429,15 +432,12 @@ def apply_checkpointing(model: Any, plan: SpeedPlan, tokens_per_micro_batch: int
         return 0, 0, 0
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    per_token = activation_bytes_per_token(config, lora_dropout, dtype_bytes, plan.fused_lora)
     functions: list[Callable[..., Any]] = [partial(checkpoint, use_reentrant=False)] * len(layers)
     recompute, offloaded = len(layers), 0
     input_bytes = tokens_per_micro_batch * text.hidden_size * dtype_bytes
     if plan.checkpointing == "offload":
         # the first layers' inputs go to the host; the last ones, whose backward comes first, stay on the GPU
         offloaded = _offload_count(model, len(layers), tokens_per_micro_batch * per_token, input_bytes)
-        if next(p for p in model.parameters()).is_cuda:
-            check_host_memory(offloaded * input_bytes, available_host_bytes())
         functions = [partial(offloaded_checkpoint, to_host=index < offloaded) for index in range(len(layers))]
         for layer in layers:
             mlp = getattr(layer, "mlp", None)
@@ -496,13 +496,14 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         plan = replace(plan, loss="full")
     dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
     pass_tokens = hp.batch_size * hp.max_seq_length
+    per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
     if plan.merge_micro_batches:
-        merged = tokens_per_pass(len(decoder_layers(model)),
-                                 activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora),
-                                 free_gpu_bytes(model), pass_tokens, pass_tokens * hp.gradient_accumulation_steps)
+        merged = tokens_per_pass(len(decoder_layers(model)), per_token, free_gpu_bytes(model), pass_tokens,
+                                 pass_tokens * hp.gradient_accumulation_steps)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
-    recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, hp.lora_dropout, dtype_bytes)
+    recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, per_token, hp.lora_dropout,
+                                                            dtype_bytes)
     if plan.compile:
         compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
