@@ -92,15 +92,19 @@ def idle_gaps(kernels: list[tuple[str, float, float]], host: list[tuple[str, flo
     return {"idle_seconds": round(sum(e - s for s, e, _, _ in gaps) / 1e6, 4), "gaps": buckets, "largest": largest}
 
 
+def _is_kernel(event: Any) -> bool:
+    """A device kernel; the profiler's own step ranges show up as device events too, and are not."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith("ProfilerStep")
+
+
 def _spans(prof: Any) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
     """(device kernels, host ranges) as (name, start µs, end µs)."""
     kernels, host = [], []
     for event in prof.events():
         span = (event.name, float(event.time_range.start), float(event.time_range.end))
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            if not event.name.startswith("ProfilerStep"):
-                kernels.append(span)
-        else:
+        if _is_kernel(event):
+            kernels.append(span)
+        elif event.device_type != torch.autograd.DeviceType.CUDA:
             host.append(span)
     return kernels, host
 
@@ -110,8 +114,7 @@ def _kernels(prof: Any, cuda: bool) -> list[tuple[str, float]]:
     out = []
     for event in prof.events():
         if cuda:
-            # the profiler's own step ranges show up as device events too; they are not kernels
-            if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith("ProfilerStep"):
+            if _is_kernel(event):
                 out.append((event.name, event.device_time / 1e6))
         elif event.name.startswith("aten::"):
             parent = event.cpu_parent
