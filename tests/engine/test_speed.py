@@ -422,3 +422,14 @@ def test_layers_to_offload_fills_the_gpu_first():
     assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
     assert speed.layers_to_offload(free_bytes=500 * gib, **args) == 0
     assert speed.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
+
+
+@pytest.mark.parametrize("variable", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_expandable_segments_are_asked_for_only_where_the_user_left_the_allocator_alone(variable):
+    environ: dict[str, str] = {}
+    assert speed.prefer_expandable_segments(environ) is True
+    assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert speed.prefer_expandable_segments(environ) is False
+    users = {variable: "max_split_size_mb:512"}
+    assert speed.prefer_expandable_segments(users) is False
+    assert users == {variable: "max_split_size_mb:512"}

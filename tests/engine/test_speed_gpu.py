@@ -166,3 +166,25 @@ def test_fused_adamw_takes_the_same_steps():
     moved = (params[False] - start).norm()
     assert moved > 1e-3
     assert (params[True] - params[False]).norm() < 0.01 * moved, ((params[True] - params[False]).norm(), moved)
+
+
+ALLOCATOR_PROBE = """
+import torch  # imported first, as the engine's modules do, before the setting is made
+from usf_bios.engine.speed import expandable_segments_active, prefer_expandable_segments
+made = prefer_expandable_segments()
+keep = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+print(made, expandable_segments_active(torch.device("cuda", 0)))
+"""
+
+
+@pytest.mark.parametrize("user_setting, expected", [(None, "True True"), ("expandable_segments:False", "False False")])
+def test_training_processes_get_expandable_segments_unless_the_user_set_the_allocator(user_setting, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    if user_setting:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = user_setting
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == expected

@@ -186,8 +186,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from usf_bios.engine.speed import prefer_expandable_segments
     from usf_bios.spec import Performance
 
+    prefer_expandable_segments()
     parser = argparse.ArgumentParser(prog="python -m usf_bios.bench.profile")
     parser.add_argument("config")
     parser.add_argument("--performance", default="{}")

@@ -21,6 +21,7 @@ import torch
 from usf_bios.bench.configs import get_config
 from usf_bios.bench.models import build_model
 from usf_bios.bench.synthetic import synthetic_examples
+from usf_bios.engine.speed import prefer_expandable_segments
 from usf_bios.spec import Performance
 
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="Search the context as on a card with this much memory (decimal GB)")
     args = parser.parse_args(argv)
+    if args.side != "baseline":  # the engine's own allocator setting; the baseline runs as Hugging Face users run it
+        prefer_expandable_segments()
     performance = Performance.model_validate(json.loads(args.performance))
     result = run_side(args.config, args.side, performance, layers=args.layers, context_start=args.context_start,
                       context_limit=args.context_limit, context_resolution=args.context_resolution,

@@ -27,7 +27,7 @@ from usf_bios.engine.events import EventLog
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import choose_placement, free_gpu_memory, load_base_model, load_tokenizer
-from usf_bios.engine.speed import build_model, make_optimizer, resolve_plan
+from usf_bios.engine.speed import build_model, make_optimizer, prefer_expandable_segments, resolve_plan
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -127,6 +127,7 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
 
     The model and optimizer live only inside ``_run``, so GPU memory is free once this returns.
     """
+    prefer_expandable_segments()
     spec = locked_spec(job_id, layout)
     with job_lock(layout.job_output(job_id)):
         try:

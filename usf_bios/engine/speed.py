@@ -18,6 +18,8 @@ model here:
 - fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused
   optimizer: ``torch.optim.AdamW(fused=True)``.
 - loss: see ``engine/loss.py``.
+- allocator: a training process asks PyTorch for expandable segments (``prefer_expandable_segments``) unless the
+  user configured the allocator.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import contextlib
 import importlib.util
 import inspect
 import math
+import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
@@ -40,6 +44,29 @@ from usf_bios.spec import Hyperparameters, JobSpec, Performance
 VARLEN_ATTENTION = "usf_varlen"
 MLP_SLICE_TOKENS = 16_384         # the MLP runs in slices of this many tokens when a micro-batch is longer
 HEADROOM_BYTES = 3 * 2**30        # kept free for the loss slices, the optimizer and the allocator's slack
+
+
+ALLOCATOR_SETTING = "expandable_segments:True"
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Call before this process first touches CUDA: PyTorch's allocator then grows its segments in place
+    (``expandable_segments``) instead of reserving fixed ones. Packed micro-batches of varying length, and a long
+    context's multi-GB tensors, fragment fixed segments: a freed 20 GB block split for smaller tensors can no longer
+    take the next 20 GB one, and the step runs out of memory with gigabytes reserved but unused. A setting the user
+    made (either variable) is left as it is. Returns whether the setting was made here."""
+    if any(name in environ for name in ALLOCATOR_VARIABLES):
+        return False
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
+    return True
+
+
+def expandable_segments_active(device: torch.device) -> bool:
+    """Whether the CUDA allocator on ``device`` has handed out expandable segments (read from its snapshot, so
+    it reports what the allocator did, not what was asked)."""
+    segments = torch.cuda.memory_snapshot()
+    return any(s.get("is_expandable", False) for s in segments if s.get("device") == device.index)
 
 
 class SpeedPlanError(ValueError):
@@ -509,6 +536,9 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
                  "their activations" + (f", {offloaded} keep their input in host memory (up to "
                                         f"{host_bytes / 1e9:.1f} GB)" if plan.checkpointing == "offload" else ""))
+    if placement.device.type == "cuda":
+        notes.append("CUDA allocator: " + ("expandable segments" if expandable_segments_active(placement.device)
+                                           else "fixed segments (PYTORCH_CUDA_ALLOC_CONF as set before CUDA started)"))
     return model, plan, notes
 
 
