@@ -77,14 +77,15 @@ class Performance(_Strict):
         "no mask; sdpa: PyTorch SDPA with a block-diagonal mask.")
     loss: Literal["auto", "full", "chunked", "fused"] = Field(
         "auto", description="full: whole logits; chunked: cross-entropy in slices so the logits never exist whole; "
-        "fused: Liger's fused linear cross-entropy (CUDA, liger-kernel).")
+        "fused: Liger's fused linear cross-entropy (CUDA, liger-kernel). auto: fused where Liger is installed on a "
+        "CUDA GPU, except with checkpointing offload (long contexts), else chunked.")
     fused_kernels: Switch = Field("auto", description="Liger kernels for RMSNorm, RoPE and SwiGLU (CUDA, liger-kernel).")
     fused_optimizer: Switch = Field("auto", description="AdamW in one fused kernel (CUDA).")
     fused_lora: Switch = Field("auto", description="Each LoRA layer as one autograd function: the scale folded into "
                                "the matrix product, no fp32 round trip of the input, no extra adds.")
     compile: Switch = Field(
-        "off", description="torch.compile each decoder layer (one compiled graph shared by all layers). auto is off "
-        "until measured against the eager path on a GPU; the first steps take longer while it compiles. Liger's "
+        "off", description="torch.compile each decoder layer (one compiled graph shared by all layers). auto is off: "
+        "measured 5% slower than eager on Llama-3.1-8B (H200); the first steps take longer while it compiles. Liger's "
         "kernels (fused_kernels) do not work inside compiled layers, so compile on leaves them out.")
     merge_micro_batches: Switch = Field(
         "auto", description="With packing, varlen attention and checkpointing auto on a GPU: the rows of one optimizer "

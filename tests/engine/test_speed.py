@@ -433,3 +433,14 @@ def test_expandable_segments_are_asked_for_only_where_the_user_left_the_allocato
     users = {variable: "max_split_size_mb:512"}
     assert speed.prefer_expandable_segments(users) is False
     assert users == {variable: "max_split_size_mb:512"}
+
+
+@pytest.mark.parametrize("liger, checkpointing, expected", [
+    (True, "auto", "fused"), (True, "all", "fused"), (True, "offload", "chunked"), (False, "auto", "chunked")])
+def test_auto_loss_is_ligers_on_a_gpu_that_has_it_except_for_long_context_offload(monkeypatch, liger, checkpointing,
+                                                                                  expected):
+    real = speed._has
+    monkeypatch.setattr(speed, "_has", lambda name: liger if name == "liger_kernel" else real(name))
+    gpu = Placement(torch.device("cuda", 0), "bf16")
+    assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), gpu).loss == expected
+    assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), CPU).loss == "chunked"

@@ -85,8 +85,10 @@ def reference():
 
 def test_auto_plan_on_cuda_takes_the_fast_paths():
     plan = resolve_plan(Performance(), Hyperparameters(), GPU)
-    assert (plan.attention, plan.loss, plan.fused_optimizer, plan.checkpointing) == ("varlen", "chunked", True, "auto")
+    assert (plan.attention, plan.fused_optimizer, plan.checkpointing) == ("varlen", True, "auto")
+    assert plan.loss == ("fused" if HAS_LIGER else "chunked")
     assert plan.fused_kernels == HAS_LIGER and plan.merge_micro_batches is True
+    assert resolve_plan(Performance(checkpointing="offload"), Hyperparameters(), GPU).loss == "chunked"
     assert resolve_plan(Performance(), Hyperparameters(quantization="4bit"), GPU).checkpointing == "all"
 
 

@@ -29,9 +29,10 @@ from usf_bios.spec import JobSpec
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "T4": 65.0}
 GPU_MEMORY_GIB = {"H100": 79.2, "H200": 139.8, "A100": 79.2, "L40S": 44.4, "A10G": 22.0, "T4": 14.6}
 # (parameters, measured MFU) of our engine, bf16 LoRA, 4096-token rows: SmolLM2-135M on the H100 (2026-11-23), the
-# 7-8B models on the H200 (2026-12-01)
-MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.4909), (8_030_261_248, 0.5007))
-MEASURED_QLORA_MFU_RATIO = 0.2905 / 0.5007   # Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA, same day
+# 7-8B models on the H200 (2026-12-01, default plan: loss fused)
+MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.5289), (8_030_261_248, 0.5173))
+# Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA, both with the chunked loss in one call (2026-12-01 evening)
+MEASURED_QLORA_MFU_RATIO = 0.2772 / 0.5030
 CPU_EFFECTIVE_TFLOPS = 0.065
 BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 

@@ -14,10 +14,10 @@ model here:
   few passes as free GPU memory holds without recomputation (one row each, no padding); the loss is normalised
   by the step's trained tokens, so the gradient is the same sum.
 - compile: ``torch.compile`` of each decoder layer (off unless asked; without Liger's kernels, which fail inside
-  compiled layers on a GPU; its speed is not measured against the eager path yet).
+  compiled layers on a GPU; measured 5% slower than eager on Llama-3.1-8B, docs/benchmarks.md).
 - fused kernels: Liger's RMSNorm, RoPE and SwiGLU kernels; fused LoRA: see ``engine/fused_lora.py``; fused
   optimizer: ``torch.optim.AdamW(fused=True)``.
-- loss: see ``engine/loss.py``.
+- loss: see ``engine/loss.py``; auto is Liger's fused loss where it is installed on a GPU, except for offload.
 - allocator: a training process asks PyTorch for expandable segments (``prefer_expandable_segments``) unless the
   user configured the allocator.
 """
@@ -126,14 +126,15 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
     loss = perf.loss
     if loss == "fused" and not liger:
         raise SpeedPlanError(f"performance.loss: fused {liger_why}")
-    if loss == "auto":
-        loss = "chunked"
     if not hp.gradient_checkpointing:
         checkpointing = "none"
     elif perf.checkpointing == "auto":  # a quantized model asks for the least memory: recompute every layer
         checkpointing = "auto" if cuda and hp.quantization == "none" else "all"
     else:
         checkpointing = perf.checkpointing
+    if loss == "auto":  # Liger's loss measured faster (docs/benchmarks.md), but its slices grow with the pass (1/32
+        # of its tokens at Llama's vocabulary) where ours stay at 256 MiB: the long-context plan keeps ours
+        loss = "fused" if liger and checkpointing != "offload" else "chunked"
     mergeable = cuda and attention == "varlen" and hp.packing and checkpointing in ("auto", "none")
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
                     "needs a CUDA GPU, packing, varlen attention and checkpointing auto (or gradient checkpointing off)")
