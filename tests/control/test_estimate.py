@@ -97,3 +97,27 @@ def test_estimate_splits_and_packs_the_rows_as_the_engine_does(tmp_path, val_spl
     assert estimate["rows_per_epoch"] == len(data.train_rows)
     assert estimate["tokens_per_epoch"] == sum(len(ex.input_ids) for ex in data.train_examples)
     assert estimate["steps"] == data.micro_batches_per_epoch
+
+
+def test_the_loss_slices_follow_the_loss_the_engine_will_pick(tmp_path):
+    """Liger's fused loss (auto on a GPU) slices grow with the pass; the chunked loss's (offload, or named) do not."""
+    from usf_bios.control.estimate import fused_loss_rows
+
+    assert fused_loss_rows(16_384, 128_256, 4096) == 512 and fused_loss_rows(131_072, 128_256, 4096) == 4096
+    assert fused_loss_rows(100, 128_256, 4096) == 4
+
+    def logits(length: int, **performance) -> float:
+        cfg = get_config("llama3.1-8b-qlora-nf4-4096")
+        folder = tmp_path / f"{length}-{sorted(performance.items())}"
+        folder.mkdir(exist_ok=True)
+        build_config(cfg.model).to_json_file(folder / "config.json")
+        spec = JobSpec(name="e", base_model=cfg.model, dataset="d", performance=performance,
+                       gpu_config={"num_gpus": 1, "gpu_type": "H100"},
+                       hyperparameters={"max_seq_length": length, "batch_size": 1, "quantization": "4bit",
+                                        "val_split": 0.0})
+        estimate = estimate_job(spec, [length], folder, parameter_count(cfg.model), {}).as_dict()
+        return estimate["vram_breakdown_gb"]["logits"]
+
+    assert logits(131_072) == pytest.approx(4096 * 128_256 * 4 / 2**30, rel=0.01)
+    assert logits(131_072) > 2 * logits(16_384)
+    assert logits(131_072, loss="chunked") == logits(16_384, loss="chunked") == logits(131_072, checkpointing="offload")

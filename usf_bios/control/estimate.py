@@ -94,6 +94,14 @@ def _lookup(table: dict[str, float], gpu_type: str) -> float:
     return table["H100"]
 
 
+def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of one slice of Liger's fused linear cross-entropy (what ``loss: auto`` picks on a GPU with
+    liger-kernel): the power of two at or above tokens ÷ ⌈vocab ÷ hidden⌉, so its slices grow with the pass (bf16
+    logits with their gradient written in place, counted here as 4 bytes each with the fp32 reductions)."""
+    slices = max(1, math.ceil(vocab / max(hidden, 1)))
+    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / slices)))))
+
+
 def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> dict[str, float]:
     from types import SimpleNamespace
 
@@ -134,12 +142,18 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
         k = layers_to_recompute(layers, tokens, planned, h * 2, int(free))
         activations = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
     full_logits = perf.loss == "full"
-    logit_rows = tokens if full_logits else min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1)))
+    if full_logits:
+        logit_rows, logit_bytes = tokens, 8
+    elif perf.loss == "fused" or (perf.loss == "auto" and spec.gpu_config.num_gpus > 0
+                                  and perf.checkpointing != "offload"):
+        logit_rows, logit_bytes = fused_loss_rows(tokens, vocab, h), 4
+    else:
+        logit_rows, logit_bytes = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))), 6
     return {
         "weights": round(weights / gib, 3),
         "lora_and_optimizer": round(lora_bytes / gib, 3),
         "activations": round(activations / gib, 3),
-        "logits": round(logit_rows * vocab * (8 if full_logits else 6) / gib, 3),
+        "logits": round(logit_rows * vocab * logit_bytes / gib, 3),
         "cuda_overhead": round(min(HEADROOM_BYTES, 2**28 + weights // 100) / gib, 3),
     }
 
