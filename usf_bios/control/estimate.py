@@ -106,7 +106,8 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.speed import HEADROOM_BYTES, activation_bytes_per_token, layers_to_recompute, tokens_per_pass
+    from usf_bios.engine.speed import (HEADROOM_BYTES, activation_bytes_per_token, auto_loss, layers_to_recompute,
+                                       tokens_per_pass)
 
     hp, perf = spec.hyperparameters, spec.performance
     gib = 2**30
@@ -141,11 +142,10 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
             one_layer, layer_input = tokens * per_token, tokens * h * 2
         k = layers_to_recompute(layers, tokens, planned, h * 2, int(free))
         activations = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
-    full_logits = perf.loss == "full"
-    if full_logits:
+    loss = perf.loss if perf.loss != "auto" else auto_loss(perf, hp, liger=spec.gpu_config.num_gpus > 0)
+    if loss == "full":
         logit_rows, logit_bytes = tokens, 8
-    elif perf.loss == "fused" or (perf.loss == "auto" and spec.gpu_config.num_gpus > 0
-                                  and perf.checkpointing != "offload"):
+    elif loss == "fused":
         logit_rows, logit_bytes = fused_loss_rows(tokens, vocab, h), 4
     else:
         logit_rows, logit_bytes = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))), 6

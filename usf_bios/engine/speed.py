@@ -115,6 +115,14 @@ def _fused_kernels(perf: Performance, liger: bool, liger_why: str) -> bool:
     return _switch(perf.fused_kernels, liger, "fused_kernels", liger_why)
 
 
+def auto_loss(perf: Performance, hp: Hyperparameters, liger: bool) -> str:
+    """What ``loss: auto`` becomes (``liger``: liger-kernel on a CUDA GPU). Liger's loss measured faster
+    (docs/benchmarks.md), but its slices grow with the pass (1/32 of its tokens at Llama's vocabulary) where the
+    chunked loss's stay at 256 MiB, so the long-context plan (offload) keeps the chunked one."""
+    offload = hp.gradient_checkpointing and perf.checkpointing == "offload"
+    return "fused" if liger and not offload else "chunked"
+
+
 def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -> SpeedPlan:
     """The concrete choices for this job on this machine; errors name the field that cannot be honoured."""
     cuda = placement.device.type == "cuda"
@@ -132,9 +140,8 @@ def resolve_plan(perf: Performance, hp: Hyperparameters, placement: Placement) -
         checkpointing = "auto" if cuda and hp.quantization == "none" else "all"
     else:
         checkpointing = perf.checkpointing
-    if loss == "auto":  # Liger's loss measured faster (docs/benchmarks.md), but its slices grow with the pass (1/32
-        # of its tokens at Llama's vocabulary) where ours stay at 256 MiB: the long-context plan keeps ours
-        loss = "fused" if liger and checkpointing != "offload" else "chunked"
+    if loss == "auto":
+        loss = auto_loss(perf, hp, liger)
     mergeable = cuda and attention == "varlen" and hp.packing and checkpointing in ("auto", "none")
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
                     "needs a CUDA GPU, packing, varlen attention and checkpointing auto (or gradient checkpointing off)")
