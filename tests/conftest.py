@@ -64,3 +64,10 @@ def chat_rows(n: int) -> list[dict]:
             messages.append({"role": "assistant", "content": f"The answer is {i + turn}." + " Indeed." * (i % 5)})
         rows.append({"messages": messages})
     return rows
+
+
+def event_dicts(path: Path) -> list[dict]:
+    """Every event of an events file as the JSON it was written as (engine.events.read_events, dumped)."""
+    from usf_bios.engine.events import read_events
+
+    return [event.model_dump(mode="json") for event in read_events(path)[0]]

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usf_bios.datasets.formats import FORMATS
 from usf_bios.settings import get_settings
 from usf_bios.storage import StorageLayout
 
@@ -38,6 +39,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def train(
     spec_file: Annotated[Optional[Path], typer.Argument(help="Job spec (YAML or JSON). Optional with --resume.")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue JOB_ID from its newest checkpoint.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Start from a preset (usf_bios/presets/NAME.yaml); "
+                                                   "the spec file's fields win. `usf-bios presets` lists them.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
 ) -> None:
     """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled."""
@@ -47,7 +50,7 @@ def train(
 
     layout = _layout()
     try:
-        spec = load_spec(spec_file) if spec_file else None
+        spec = load_spec(spec_file, preset) if spec_file else None
         if resume:
             locked = locked_spec(resume, layout)
             changes = diff_specs(locked, spec) if spec else []
@@ -74,6 +77,17 @@ def train(
     else:
         err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_CODES[result.status])
+
+
+@app.command("presets")
+def list_presets() -> None:
+    """The presets: partial job specs a spec file can start from (`usf-bios train --preset NAME SPEC`)."""
+    from usf_bios.presets import load_presets
+
+    table = Table("name", "what", "command")
+    for preset in load_presets().values():
+        table.add_row(preset.name, f"{preset.label}: {preset.summary}", preset.command)
+    console.print(table)
 
 
 @app.command()
@@ -241,7 +255,7 @@ def list_models() -> None:
 @datasets_app.command("check")
 def check_dataset(
     file: Annotated[Path, typer.Argument(help="JSONL, JSON or CSV file.")],
-    dataset_format: Annotated[str, typer.Option("--format", help="auto|messages|sharegpt|alpaca|prompt_completion|text")] = "auto",
+    dataset_format: Annotated[str, typer.Option("--format", help="auto or one of: " + ", ".join(FORMATS))] = "auto",
     model: Annotated[str, typer.Option(help="Model whose tokenizer counts the tokens.")] = "HuggingFaceTB--SmolLM2-135M-Instruct",
     max_seq_length: Annotated[int, typer.Option(min=8)] = 2048,
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         description="Extra Host names (comma-separated) a server without API keys answers to, besides loopback "
                     "names and USF_HOST; e.g. the name a local reverse proxy passes on.")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
+    executor: Literal["local"] = Field(
+        "local", validation_alias="USF_EXECUTOR",
+        description="Where jobs run unless their gpu_config.executor names one: local (a process on this host).")
     max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
     max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
                               description="Starts of a job whose process was lost, before it fails.")

@@ -14,10 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from usf_bios.datasets.formats import FORMATS
+
 Quantization = Literal["none", "4bit", "8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DatasetFormatName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+DatasetFormatName = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]  # the parser's formats, one list
 
 
 class _Strict(BaseModel):
@@ -102,6 +104,9 @@ class Performance(_Strict):
 class GpuConfig(_Strict):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
     gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
+    executor: Literal["default", "local"] = Field(
+        "default", description="Where the job runs: default = the server's USF_EXECUTOR; local = a process on the "
+        "server's host. How a job is run, not what it learns: left out of the resume check.")
 
 
 class JobSpec(_Strict):
@@ -119,8 +124,9 @@ class JobSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides what is learned (the name and the performance switches are left out)."""
-        data = self.model_dump(mode="json", exclude={"name", "performance"})
+        """A hash of everything that decides what is learned (the name, the performance switches and the executor
+        are left out)."""
+        data = self.model_dump(mode="json", exclude={"name": True, "performance": True, "gpu_config": {"executor"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -154,20 +160,28 @@ def _reason(error: dict[str, Any]) -> str:
         return "may hold only letters, digits, '.', '_' and '-', starting with a letter or digit"
     if kind == "value_error":
         return str(ctx.get("error", error["msg"]))
+    if kind == "json_invalid":
+        return f"malformed JSON: {ctx.get('error', error['msg'])}"
     return error["msg"][0].lower() + error["msg"][1:]
+
+
+def field_errors(errors: list[Any], where: str = "spec", skip: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """pydantic's errors as [{"field": "hyperparameters.lora_r", "message": "must be ≥ 1"}], one per fault: the
+    location without the branch names a union adds ('all-linear' | list) or the parts in ``skip`` (FastAPI's
+    'body'); ``where`` names a fault of the whole (malformed JSON, a missing body)."""
+    out: list[dict[str, str]] = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p not in skip and not str(p).startswith(("literal[", "list["))]
+        item = {"field": where if error.get("type") == "json_invalid" else ".".join(loc) or where,
+                "message": _reason(error)}
+        if item not in out:
+            out.append(item)
+    return out
 
 
 def format_validation_error(err: ValidationError) -> list[str]:
     """Render pydantic's errors as 'hyperparameters.lora_r: must be ≥ 1'."""
-    problems: list[str] = []
-    for error in err.errors():
-        # a union ('all-linear' | list) adds the branch name to the location; drop it
-        loc = [str(p) for p in error["loc"] if not str(p).startswith(("literal[", "list["))]
-        path = ".".join(loc) or "spec"
-        line = f"{path}: {_reason(error)}"
-        if line not in problems:
-            problems.append(line)
-    return problems
+    return [f"{e['field']}: {e['message']}" for e in field_errors(err.errors())]
 
 
 def parse_spec(data: object, source: str | None = None) -> JobSpec:
@@ -180,8 +194,9 @@ def parse_spec(data: object, source: str | None = None) -> JobSpec:
         raise SpecError(format_validation_error(err), source) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a spec from a YAML or JSON file."""
+def load_spec(path: str | Path, preset: str | None = None) -> JobSpec:
+    """Read a spec from a YAML or JSON file; with ``preset`` (a file of usf_bios/presets) its fields are the
+    defaults and the file's own fields win."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -191,6 +206,13 @@ def load_spec(path: str | Path) -> JobSpec:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise SpecError([f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"], str(path)) from None
+    if preset is not None and isinstance(data, dict):
+        from usf_bios.presets import PresetError, get_preset
+
+        try:
+            data = get_preset(preset).apply(data)
+        except PresetError as err:
+            raise SpecError([f"--preset: {err}"], str(path)) from None
     return parse_spec(data, str(path))
 
 

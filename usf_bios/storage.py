@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from usf_bios.settings import Settings
 
@@ -19,6 +20,19 @@ def confine(root: Path, name: str | Path) -> Path:
     if candidate != root_resolved and root_resolved not in candidate.parents:
         raise PathOutsideRoot(f"{str(name)!r} is outside {root_resolved}")
     return candidate
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_filename(raw: str, max_length: int = 200) -> str:
+    """The basename of an untrusted filename, with only [A-Za-z0-9._-] and no leading dots."""
+    base = PurePosixPath(raw.replace("\\", "/")).name
+    cleaned = _UNSAFE.sub("_", base).lstrip(".")
+    if len(cleaned) > max_length:
+        stem, dot, suffix = cleaned.rpartition(".")
+        cleaned = stem[: max_length - len(suffix) - 1] + dot + suffix if dot and len(suffix) < 16 else cleaned[:max_length]
+    return cleaned
 
 
 @dataclass(frozen=True)

@@ -21,22 +21,22 @@ def test_table_covers_every_status_and_terminal_ones_only_resume():
     assert {s for s in JobStatus if s.is_active} == {JobStatus.PREPARING, JobStatus.RUNNING, JobStatus.CANCELLING}
 
 
-def test_happy_path_sets_times_pid_and_attempts():
+def test_happy_path_sets_times_handle_and_attempts():
     j = job(JobStatus.QUEUED)
     lifecycle.mark_preparing(j)
     assert j.status == "preparing" and j.attempts == 1
-    lifecycle.mark_running(j, 123, "456", "0,1")
-    assert (j.pid, j.pid_start_time, j.gpu_ids) == (123, "456", "0,1") and j.started_at is not None
+    lifecycle.mark_running(j, "123:456", "0,1")
+    assert (j.handle, j.gpu_ids) == ("123:456", "0,1") and j.started_at is not None
     lifecycle.mark_completed(j)
-    assert j.status == "completed" and j.finished_at is not None and j.pid is None
+    assert j.status == "completed" and j.finished_at is not None and j.handle is None
 
 
 def test_interrupted_job_is_requeued_and_counts_attempts():
     j = job(JobStatus.QUEUED)
     lifecycle.mark_preparing(j)
-    lifecycle.mark_running(j, 1, "1", "")
+    lifecycle.mark_running(j, "1:1", "")
     lifecycle.mark_interrupted(j, "process lost")
-    assert j.status == "interrupted" and j.error == "process lost" and j.pid is None
+    assert j.status == "interrupted" and j.error == "process lost" and j.handle is None
     lifecycle.requeue(j)
     assert j.status == "queued" and j.attempts == 1
     lifecycle.mark_preparing(j)
@@ -59,7 +59,7 @@ def test_cancel_paths():
     (JobStatus.COMPLETED, lambda j: lifecycle.mark_failed(j, "x")),
     (JobStatus.COMPLETED, lifecycle.requeue),
     (JobStatus.QUEUED, lifecycle.mark_completed),
-    (JobStatus.QUEUED, lambda j: lifecycle.mark_running(j, 1, "1", "")),
+    (JobStatus.QUEUED, lambda j: lifecycle.mark_running(j, "1:1", "")),
     (JobStatus.CANCELLED, lifecycle.mark_cancelling),
     (JobStatus.RUNNING, lifecycle.requeue),
 ])

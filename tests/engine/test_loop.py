@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import event_dicts
 from usf_bios.bench.configs import build_config, get_config
 from usf_bios.bench.ours import bench_spec
 from usf_bios.bench.synthetic import synthetic_examples
 from usf_bios.engine.checkpoint import TrainerState, list_checkpoints
 from usf_bios.engine.data import TrainingData
-from usf_bios.engine.events import EventLog, read_events
-from usf_bios.engine.loop import TrainingRun, train
-from usf_bios.engine.model import Placement
-from usf_bios.engine.speed import build_model, make_optimizer, resolve_plan
+from usf_bios.engine.events import EventLog
+from usf_bios.engine.loop import TrainingRun, make_optimizer, train
+from usf_bios.engine.model import Placement, build_model
+from usf_bios.engine.plan import resolve_plan
 from usf_bios.spec import Performance
 
 
@@ -52,7 +53,7 @@ def test_every_step_is_reported_in_order_and_the_step_times_add_up_to_the_run(tm
     assert train(run) == "completed"
     wall = time.perf_counter() - started
     run.events.close()
-    events = read_events(tmp_path / "events.jsonl")
+    events = event_dicts(tmp_path / "events.jsonl")
     metrics = [e for e in events if e["type"] == "metric"]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(m["loss"]) and m["tokens"] > 0 and m["step_seconds"] > 0 for m in metrics)
@@ -69,7 +70,7 @@ def test_every_step_is_reported_in_order_and_the_step_times_add_up_to_the_run(tm
 
 
 def metrics_so_far(run: TrainingRun) -> list[dict]:
-    return [e for e in read_events(run.events.events_path) if e["type"] == "metric"]   # the file is line-buffered
+    return [e for e in event_dicts(run.events.events_path) if e["type"] == "metric"]   # the file is line-buffered
 
 
 def test_a_diverged_step_fails_the_run_before_its_checkpoint_and_keeps_the_events_json(tmp_path):
@@ -82,7 +83,7 @@ def test_a_diverged_step_fails_the_run_before_its_checkpoint_and_keeps_the_event
     with pytest.raises(FloatingPointError, match="the loss became nan at step 2"):
         train(run)
     run.events.close()
-    metrics = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "metric"]
+    metrics = [e for e in event_dicts(tmp_path / "events.jsonl") if e["type"] == "metric"]
     assert [m["step"] for m in metrics] == [1]
     assert list_checkpoints(tmp_path / "checkpoints") == []
     assert "step 2/4 loss nan" in (tmp_path / "train.log").read_text()

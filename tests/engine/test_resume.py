@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import chat_rows, event_dicts, write_jsonl
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.events import read_events, training_log
 from usf_bios.engine.jobdir import create_job
@@ -37,13 +37,13 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def losses(layout: StorageLayout, job_id: str) -> dict[int, float]:
-    return {p["step"]: p["loss"] for p in training_log(read_events(layout.job_events(job_id)))}
+    return {p["step"]: p["loss"] for p in training_log(read_events(layout.job_events(job_id))[0])}
 
 
 def wait_for_step(layout: StorageLayout, job_id: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(e["type"] == "metric" and e["step"] >= step for e in read_events(layout.job_events(job_id))):
+        if any(e["type"] == "metric" and e["step"] >= step for e in event_dicts(layout.job_events(job_id))):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.002)
@@ -70,7 +70,7 @@ def test_sigkill_between_checkpoints_then_resume_matches_uninterrupted_run(layou
     wait_for_step(layout, job_id, 5, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    seen = max(e["step"] for e in read_events(layout.job_events(job_id)) if e["type"] == "metric")
+    seen = max(e["step"] for e in event_dicts(layout.job_events(job_id)) if e["type"] == "metric")
     newest = read_state(list_checkpoints(layout.job_checkpoints(job_id))[-1]).step
     assert newest < seen < 12, "the kill should land after a checkpoint and before the next one"
 
@@ -117,7 +117,7 @@ def test_sigterm_saves_a_checkpoint_and_ends_cancelled(layout, tiny_model, tmp_p
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 3
-    events = read_events(layout.job_events(job_id))
+    events = event_dicts(layout.job_events(job_id))
     assert events[-1]["type"] == "done" and events[-1]["status"] == "cancelled"
     last_step = max(e["step"] for e in events if e["type"] == "metric")
     checkpoints = list_checkpoints(layout.job_checkpoints(job_id))

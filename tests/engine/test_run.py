@@ -8,8 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import chat_rows, write_jsonl
-from usf_bios.engine.events import read_events
+from tests.conftest import chat_rows, event_dicts, write_jsonl
 from usf_bios.engine.jobdir import create_job
 from usf_bios.engine.run import run_job
 from usf_bios.spec import parse_spec
@@ -39,7 +38,7 @@ def test_completed_job_leaves_every_file_and_plain_peft_loads_the_adapter(layout
     assert yaml.safe_load((out / "job.yaml").read_text()) == spec.model_dump(mode="json")
 
     # 32 training examples packed into rows of 128 tokens, 4 rows a micro-batch, 2 micro-batches a step, 2 epochs
-    events = read_events(layout.job_events(job_id))
+    events = event_dicts(layout.job_events(job_id))
     metrics = [e for e in events if e["type"] == "metric"]
     args = json.loads((out / "training_args.json").read_text())
     assert args["train_examples"] == 32 and args["validation_examples"] == 8
@@ -69,9 +68,9 @@ def test_max_steps_wins_over_num_epochs(layout, tiny_model, tmp_path):
     job_id = create_job(parse_spec(make_spec(tiny_model, dataset, num_epochs=1, max_steps=7, batch_size=1,
                                              gradient_accumulation_steps=1, packing=False, val_split=0.0)), layout)
     assert run_job(job_id, layout).status == "completed"
-    metrics = [e for e in read_events(layout.job_events(job_id)) if e["type"] == "metric"]
+    metrics = [e for e in event_dicts(layout.job_events(job_id)) if e["type"] == "metric"]
     assert len(metrics) == 7
-    assert not any(e["type"] == "eval" for e in read_events(layout.job_events(job_id)))
+    assert not any(e["type"] == "eval" for e in event_dicts(layout.job_events(job_id)))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -89,7 +88,7 @@ def test_failures_end_the_job_failed_with_a_clear_reason(layout, tiny_model, tmp
     job_id = create_job(parse_spec(spec), layout)
     result = run_job(job_id, layout)
     assert result.status == "failed" and message in result.error
-    done = read_events(layout.job_events(job_id))[-1]
+    done = event_dicts(layout.job_events(job_id))[-1]
     assert done["type"] == "done" and done["status"] == "failed" and message in done["error"]
     assert "Traceback" in layout.job_log(job_id).read_text()
 
@@ -101,7 +100,7 @@ def test_a_broken_dataset_fails_before_training_with_its_line(layout, tiny_model
     job_id = create_job(parse_spec(make_spec(tiny_model, bad)), layout)
     result = run_job(job_id, layout)
     assert result.status == "failed" and "bad.jsonl:2:" in result.error and "empty" in result.error
-    assert not any(e["type"] == "metric" for e in read_events(layout.job_events(job_id)))
+    assert not any(e["type"] == "metric" for e in event_dicts(layout.job_events(job_id)))
 
 
 def test_model_folder_missing_pieces_are_named(layout, tiny_model, tmp_path):

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from usf_bios.engine import loss as loss_module
-from usf_bios.engine import fused_lora, speed
+from usf_bios.engine import fused_lora, memory, offload
+from usf_bios.engine import plan as plan_module
 from usf_bios.engine.data import IGNORE, TokenizedExample, collate
 from usf_bios.engine.loss import loss_sum
-from usf_bios.engine.model import Placement
-from usf_bios.engine.speed import SpeedPlan, SpeedPlanError, build_model, layers_to_recompute, resolve_plan
+from usf_bios.engine.memory import layers_to_recompute
+from usf_bios.engine.model import Placement, build_model
+from usf_bios.engine.plan import SpeedPlan, SpeedPlanError, resolve_plan
 from usf_bios.spec import Hyperparameters, JobSpec, Performance
 
 CPU = Placement(torch.device("cpu"), "fp32")
@@ -120,9 +122,9 @@ def test_checkpointing_matches_keeping_activations_with_dropout(checkpointing):
 
 def test_offload_slices_the_mlp_over_long_rows_without_changing_gradients(reference, monkeypatch):
     calls = []
-    original = speed._sliced_mlp
-    monkeypatch.setattr(speed, "MLP_SLICE_TOKENS", 16)
-    monkeypatch.setattr(speed, "_sliced_mlp", lambda forward, x: calls.append(x.shape) or original(forward, x))
+    original = offload._sliced_mlp
+    monkeypatch.setattr(offload, "MLP_SLICE_TOKENS", 16)
+    monkeypatch.setattr(offload, "_sliced_mlp", lambda forward, x: calls.append(x.shape) or original(forward, x))
     assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
     assert calls  # the sliced path ran
 
@@ -215,15 +217,15 @@ def test_layers_to_recompute_takes_the_fewest_that_fit():
     k = layers_to_recompute(32, 4096, 100 * 1024, 8192, 10 * gib)
     assert 0 < k < 32
     kept = (32 - k) * 4096 * 100 * 1024 + k * 4096 * 8192
-    assert kept <= 10 * gib - speed.HEADROOM_BYTES < kept + 4096 * (100 * 1024 - 8192)
+    assert kept <= 10 * gib - memory.HEADROOM_BYTES < kept + 4096 * (100 * 1024 - 8192)
     assert layers_to_recompute(32, 4096, 100 * 1024, 8192, 1 * gib) == 32
 
 
 def test_activation_estimate_grows_with_the_model():
     small, large = tiny_base().config, tiny_base().config
     large.intermediate_size *= 4
-    assert speed.activation_bytes_per_token(large, 0.0) > speed.activation_bytes_per_token(small, 0.0)
-    assert speed.activation_bytes_per_token(small, 0.1) > speed.activation_bytes_per_token(small, 0.0)
+    assert memory.activation_bytes_per_token(large, 0.0) > memory.activation_bytes_per_token(small, 0.0)
+    assert memory.activation_bytes_per_token(small, 0.1) > memory.activation_bytes_per_token(small, 0.0)
 
 
 def test_auto_plan_on_the_cpu_is_the_portable_fast_path():
@@ -343,10 +345,10 @@ def test_merging_micro_batches_takes_the_same_optimizer_steps():
 def test_tokens_per_pass_fills_free_memory_up_to_a_step():
     gib = 2**30
     per_token = 100 * 1024
-    assert speed.tokens_per_pass(32, per_token, 3 * gib, 4096, 16384) == 0  # nothing beyond one micro-batch fits
-    fit = speed.tokens_per_pass(32, per_token, 40 * gib, 4096, 16384)
-    assert 4096 < fit < 16384 and 32 * fit * per_token <= 40 * gib - speed.HEADROOM_BYTES
-    assert speed.tokens_per_pass(32, per_token, 400 * gib, 4096, 16384) == 16384
+    assert memory.tokens_per_pass(32, per_token, 3 * gib, 4096, 16384) == 0  # nothing beyond one micro-batch fits
+    fit = memory.tokens_per_pass(32, per_token, 40 * gib, 4096, 16384)
+    assert 4096 < fit < 16384 and 32 * fit * per_token <= 40 * gib - memory.HEADROOM_BYTES
+    assert memory.tokens_per_pass(32, per_token, 400 * gib, 4096, 16384) == 16384
 
 
 def test_merging_needs_varlen_attention_on_a_gpu():
@@ -359,20 +361,20 @@ def test_compiled_layers_match_the_plain_path(reference):
     """torch.compile (inductor, C++ on the CPU) of each decoder layer, with the other CPU switches on."""
     plan = dataclasses.replace(PLAIN, attention="varlen", fused_lora=True, compile=True)
     model, _, notes = lora_model(plan)
-    assert all(layer._compiled_call_impl is not None for layer in speed.decoder_layers(model))
+    assert all(layer._compiled_call_impl is not None for layer in offload.decoder_layers(model))
     assert "compiled layers" in notes[-1]
     assert_same(loss_and_grads(plan), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_leaves_out_the_liger_kernels_that_break_compiled_layers():
     why = "needs liger"
-    assert speed._fused_kernels(Performance(), True, why) is True
-    assert speed._fused_kernels(Performance(compile="on"), True, why) is False
-    assert speed._fused_kernels(Performance(compile="on", fused_kernels="off"), True, why) is False
+    assert plan_module._fused_kernels(Performance(), True, why) is True
+    assert plan_module._fused_kernels(Performance(compile="on"), True, why) is False
+    assert plan_module._fused_kernels(Performance(compile="on", fused_kernels="off"), True, why) is False
     with pytest.raises(SpeedPlanError, match="fused_kernels: Liger's kernels do not work inside compiled layers"):
-        speed._fused_kernels(Performance(compile="on", fused_kernels="on"), True, why)
+        plan_module._fused_kernels(Performance(compile="on", fused_kernels="on"), True, why)
     with pytest.raises(SpeedPlanError, match="fused_kernels: needs liger"):
-        speed._fused_kernels(Performance(fused_kernels="on"), False, why)
+        plan_module._fused_kernels(Performance(fused_kernels="on"), False, why)
 
 
 def test_compile_is_off_unless_asked():
@@ -383,17 +385,17 @@ def test_compile_is_off_unless_asked():
 
 def test_an_offload_plan_larger_than_host_memory_is_refused_by_name():
     gib = 2**30
-    speed.check_host_memory(80 * gib, 125 * gib)
-    speed.check_host_memory(80 * gib, None)          # cannot tell: goes ahead
+    memory.check_host_memory(80 * gib, 125 * gib)
+    memory.check_host_memory(80 * gib, None)          # cannot tell: goes ahead
     with pytest.raises(SpeedPlanError, match=r"checkpointing: offload would keep up to 107.4 GB .* 64.4 GB available"):
-        speed.check_host_memory(100 * gib, 60 * gib)
-    assert speed.available_host_bytes() is None or speed.available_host_bytes() > 0
+        memory.check_host_memory(100 * gib, 60 * gib)
+    assert memory.available_host_bytes() is None or memory.available_host_bytes() > 0
 
 
 def test_host_copies_come_back_whole_from_power_of_two_pieces(monkeypatch):
-    monkeypatch.setattr(speed, "OFFLOAD_PIECE_BYTES", 64)
+    monkeypatch.setattr(offload, "OFFLOAD_PIECE_BYTES", 64)
     tensor = torch.randn(3, 37)
-    copy = speed.HostCopy(tensor)
+    copy = offload.HostCopy(tensor)
     assert [p.numel() for p in copy.pieces] == [16] * 6 + [15]   # 111 fp32 values, 16 (64 bytes) a piece
     assert all(p.data_ptr() != tensor.data_ptr() for p in copy.pieces)
     tensor_before = tensor.clone()
@@ -404,11 +406,11 @@ def test_host_copies_come_back_whole_from_power_of_two_pieces(monkeypatch):
 def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(reference, monkeypatch):
     """Offloading only some layers' inputs (as on a GPU with room for the rest) gives the same gradients; the
     offloaded input travels in several pieces."""
-    monkeypatch.setattr(speed, "OFFLOAD_PIECE_BYTES", 1024)
+    monkeypatch.setattr(offload, "OFFLOAD_PIECE_BYTES", 1024)
     counts = []
-    monkeypatch.setattr(speed, "_offload_count", lambda model, layers, *rest: counts.append(layers) or 1)
+    monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: counts.append(layers) or 1)
     model, _, notes = lora_model(dataclasses.replace(PLAIN, checkpointing="offload"))
-    hosts = [layer._gradient_checkpointing_func.keywords["to_host"] for layer in speed.decoder_layers(model)]
+    hosts = [layer._gradient_checkpointing_func.keywords["to_host"] for layer in offload.decoder_layers(model)]
     assert hosts == [True, False, False] and "1 keep their input in host memory" in notes[-1]
     assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
     assert counts == [3, 3]
@@ -417,21 +419,21 @@ def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(referenc
 def test_layers_to_offload_fills_the_gpu_first():
     gib = 2**30
     args = dict(num_layers=32, working_bytes=350_000 * 150_000, layer_input_bytes=350_000 * 8192)
-    room = 100 * gib - speed.HEADROOM_BYTES - 350_000 * 150_000
-    partly = speed.layers_to_offload(free_bytes=100 * gib, **args)
+    room = 100 * gib - memory.HEADROOM_BYTES - 350_000 * 150_000
+    partly = memory.layers_to_offload(free_bytes=100 * gib, **args)
     assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
-    assert speed.layers_to_offload(free_bytes=500 * gib, **args) == 0
-    assert speed.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
+    assert memory.layers_to_offload(free_bytes=500 * gib, **args) == 0
+    assert memory.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
 
 
 @pytest.mark.parametrize("variable", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
 def test_expandable_segments_are_asked_for_only_where_the_user_left_the_allocator_alone(variable):
     environ: dict[str, str] = {}
-    assert speed.prefer_expandable_segments(environ) is True
+    assert memory.prefer_expandable_segments(environ) is True
     assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    assert speed.prefer_expandable_segments(environ) is False
+    assert memory.prefer_expandable_segments(environ) is False
     users = {variable: "max_split_size_mb:512"}
-    assert speed.prefer_expandable_segments(users) is False
+    assert memory.prefer_expandable_segments(users) is False
     assert users == {variable: "max_split_size_mb:512"}
 
 
@@ -439,8 +441,8 @@ def test_expandable_segments_are_asked_for_only_where_the_user_left_the_allocato
     (True, "auto", "fused"), (True, "all", "fused"), (True, "offload", "chunked"), (False, "auto", "chunked")])
 def test_auto_loss_is_ligers_on_a_gpu_that_has_it_except_for_long_context_offload(monkeypatch, liger, checkpointing,
                                                                                   expected):
-    real = speed._has
-    monkeypatch.setattr(speed, "_has", lambda name: liger if name == "liger_kernel" else real(name))
+    real = plan_module._has
+    monkeypatch.setattr(plan_module, "_has", lambda name: liger if name == "liger_kernel" else real(name))
     gpu = Placement(torch.device("cuda", 0), "bf16")
     assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), gpu).loss == expected
     assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), CPU).loss == "chunked"

@@ -15,7 +15,9 @@ import torch
 from tests.engine.test_speed import PLAIN, packed_batch, spec
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
-from usf_bios.engine.speed import SpeedPlan, build_model, make_optimizer, resolve_plan
+from usf_bios.engine.loop import make_optimizer
+from usf_bios.engine.model import build_model
+from usf_bios.engine.plan import SpeedPlan, resolve_plan
 from usf_bios.spec import Hyperparameters, Performance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,11 +95,11 @@ def test_auto_plan_on_cuda_takes_the_fast_paths():
 
 
 def test_flash_varlen_attention_matches_the_masked_sdpa(reference):
-    from usf_bios.engine import speed
+    from usf_bios.engine import attention
 
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, attention="varlen")), reference)
     # the model has 4 query heads and 2 K/V heads: the kernel took them as they are, not repeated
-    assert speed._varlen_call().takes_gqa_flag or speed._native_gqa.get("ok") is True
+    assert attention._varlen_call().takes_gqa_flag or attention._native_gqa.get("ok") is True
 
 
 def test_chunked_loss_matches_full_logits_on_cuda(reference):
@@ -110,9 +112,9 @@ def test_offloaded_checkpointing_matches_on_cuda(reference):
 
 
 def test_inputs_offloaded_to_pinned_host_memory_match_on_cuda(reference, monkeypatch):
-    from usf_bios.engine import speed
+    from usf_bios.engine import offload
 
-    monkeypatch.setattr(speed, "_offload_count", lambda model, layers, *rest: layers)
+    monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: layers)
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
 
 
@@ -172,7 +174,7 @@ def test_fused_adamw_takes_the_same_steps():
 
 ALLOCATOR_PROBE = """
 import torch  # imported first, as the engine's modules do, before the setting is made
-from usf_bios.engine.speed import expandable_segments_active, prefer_expandable_segments
+from usf_bios.engine.memory import expandable_segments_active, prefer_expandable_segments
 made = prefer_expandable_segments()
 keep = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
 print(made, expandable_segments_active(torch.device("cuda", 0)))

@@ -40,10 +40,10 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator('[data-path="hyperparameters.learning_rate"] .bounds')).to_have_text("> 0, ≤ 1")
 
     # presets fill the hyperparameters
-    page.check("#preset-quick")
+    page.check("#preset-any_lora-quick")
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_value("8")
     expect(page.locator("#f-hyperparameters-num-epochs")).to_have_value("1")
-    page.check("#preset-thorough")
+    page.check("#preset-any_lora-thorough")
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_value("32")
     expect(page.locator("#preset-summary")).to_contain_text("Five epochs")
 

@@ -59,7 +59,7 @@ def test_phone_width_keeps_the_main_controls_visible(finished, open_page):
     server, job_id, dataset_id = finished
     page = open_page(server.url, PHONE)
     checks = {"/": ["#new-job", 'nav a[href="/datasets"]', "#active-jobs"],
-              "/jobs/new": ["#f-name", "#f-base-model", "#preset-quick", "#start-job", "#est-time"],
+              "/jobs/new": ["#f-name", "#f-base-model", "#preset-any_lora-quick", "#start-job", "#est-time"],
               "/datasets": ["#upload-file", "#upload-submit"],
               "/models": ["#scan-models", "#register-submit"],
               f"/jobs/{job_id}": ["#download-adapter", "#loss-chart canvas", "#job-progress", "#snippet"],
@@ -87,9 +87,9 @@ def test_keyboard_reaches_the_main_buttons(finished, open_page):
     page.keyboard.press("Enter")
     page.wait_for_url("**/jobs/new")
     expect(page.locator("#estimate")).to_have_attribute("data-ready", "true")
-    tab_to(page, "#preset-balanced")
-    page.keyboard.press("ArrowLeft")             # the presets are one radio group
-    expect(page.locator("#preset-quick")).to_be_checked()
+    tab_to(page, "#preset-any_lora")
+    page.keyboard.press("ArrowRight")            # the presets are one radio group
+    expect(page.locator("#preset-any_lora-quick")).to_be_checked()
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_value("8")
     tab_to(page, "#f-qlora")
     page.keyboard.press("Space")

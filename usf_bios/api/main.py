@@ -12,13 +12,17 @@ from fastapi.responses import JSONResponse
 
 from usf_bios import __version__
 from usf_bios.api.guard import RequestGuard, is_loopback_name
-from usf_bios.api.routes import datasets, jobs, keys, models, system
+from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
 from usf_bios.control.db import Database, migrate
-from usf_bios.control.jobs import JobRequestError
+from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
+from usf_bios.datasets.formats import DatasetError
 from usf_bios.settings import Settings
-from usf_bios.spec import _reason
+from usf_bios.spec import field_errors
 from usf_bios.storage import StorageLayout
 from usf_bios.web import mount_web
+
+DOMAIN_STATUS: dict[type[DomainError], int] = {NotFound: 404, Conflict: 409, Forbidden: 403, Unsupported: 415,
+                                               Invalid: 422}
 
 
 def is_loopback(host: str) -> bool:
@@ -26,18 +30,17 @@ def is_loopback(host: str) -> bool:
     return is_loopback_name(host.strip().strip("[]").lower())
 
 
-def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
-    errors = []
-    for error in exc.errors():
-        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not str(p).startswith(("literal[", "list["))]
-        if error.get("type") == "json_invalid":
-            ctx = error.get("ctx") or {}
-            message = f"malformed JSON: {ctx.get('error', error.get('msg'))}"
-            loc = loc[:0] or ["body"]
-        else:
-            message = _reason(error)
-        errors.append({"field": ".".join(loc) or "body", "message": message})
-    return errors
+def error_response(exc: Exception) -> JSONResponse:
+    """A domain error or a dataset fault as the API's JSON error shapes: ``{"detail"}``; 422s also carry
+    ``errors: [{"field", "message"}]`` (a field at fault) or ``file, line, unit, reason`` (a dataset's line)."""
+    if isinstance(exc, DatasetError):
+        return JSONResponse({"detail": str(exc), "file": exc.file, "line": exc.line, "unit": exc.unit,
+                             "reason": exc.reason}, status_code=422)
+    code = next((c for kind, c in DOMAIN_STATUS.items() if isinstance(exc, kind)), 400)
+    body: dict[str, Any] = {"detail": str(exc)}
+    if isinstance(exc, Invalid):
+        body["errors"] = exc.errors()
+    return JSONResponse(body, status_code=code)
 
 
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
@@ -64,19 +67,23 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _field_errors(exc)
+        errors = field_errors(list(exc.errors()), where="body", skip=("body",))
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
-    @app.exception_handler(JobRequestError)
-    async def _job_request(_request: Request, exc: JobRequestError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "errors": exc.errors()}, status_code=422)
+    @app.exception_handler(DomainError)
+    async def _domain(_request: Request, exc: DomainError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(DatasetError)
+    async def _dataset(_request: Request, exc: DatasetError) -> JSONResponse:
+        return error_response(exc)
 
     # DNS rebinding (Host) when no API key protects the server; cross-site writes (Origin) always
     allowed_hosts = None if app.state.auth_required else {host, settings.host, *settings.allowed_hosts}
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
 
-    for module in (system, keys, datasets, models, jobs):
+    for module in (system, keys, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
     mount_web(app)
     return app

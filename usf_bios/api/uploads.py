@@ -7,11 +7,9 @@ cap is cut off (HTTP 413) as soon as it crosses it, and only small text fields a
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from fastapi import Request, status
 from python_multipart import MultipartParser
@@ -19,10 +17,11 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from usf_bios.control.datasets import ReceivedUpload
+
 MULTIPART_OVERHEAD = 64 * 1024   # boundaries, part headers and small text fields around the file
 MAX_FIELD_BYTES = 4096           # one text field (name, format, …)
 MAX_PARTS = 16
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class UploadRejected(Exception):
@@ -32,24 +31,6 @@ class UploadRejected(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
-
-
-@dataclass
-class ReceivedUpload:
-    path: Path                   # the streamed file part, ``<uploads>/<uuid>.part``
-    filename: str                # as the client sent it: untrusted
-    size: int
-    fields: dict[str, str] = field(default_factory=dict)
-
-
-def safe_filename(raw: str, max_length: int = 200) -> str:
-    """The basename of an untrusted filename, with only [A-Za-z0-9._-] and no leading dots."""
-    base = PurePosixPath(raw.replace("\\", "/")).name
-    cleaned = _UNSAFE.sub("_", base).lstrip(".")
-    if len(cleaned) > max_length:
-        stem, dot, suffix = cleaned.rpartition(".")
-        cleaned = stem[: max_length - len(suffix) - 1] + dot + suffix if dot and len(suffix) < 16 else cleaned[:max_length]
-    return cleaned
 
 
 def too_large(max_bytes: int) -> UploadRejected:
@@ -159,8 +140,8 @@ async def receive_multipart(request: Request, folder: Path, max_bytes: int, file
                             check_filename: Callable[[str], None] | None = None) -> ReceivedUpload:
     """Stream a multipart body: the ``file_field`` part into ``folder/<uuid>.part``, other parts as text.
 
-    ``check_filename`` sees the client's filename as soon as the part's headers arrive and may raise
-    ``UploadRejected`` before any file byte is read. On any failure (cap, bad framing, client gone) the
+    ``check_filename`` sees the client's filename as soon as the part's headers arrive and may raise (an
+    ``UploadRejected`` or a domain error) before any file byte is read. On any failure (cap, bad framing, client gone) the
     partial file is deleted and the exception propagates.
     """
     check_content_length(request.headers.get("content-length"), max_bytes)

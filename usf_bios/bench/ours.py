@@ -16,11 +16,11 @@ from usf_bios.bench.configs import BenchConfig
 from usf_bios.bench.measure import Measurement, summarize
 from usf_bios.engine.checkpoint import TrainerState
 from usf_bios.engine.data import TokenizedExample, TrainingData, collate
-from usf_bios.engine.events import EventLog, read_events
-from usf_bios.engine.loop import TrainingRun, autocast, train
+from usf_bios.engine.events import EventLog, MetricEvent, read_events
+from usf_bios.engine.loop import TrainingRun, autocast, make_optimizer, train
 from usf_bios.engine.loss import loss_sum
-from usf_bios.engine.model import Placement
-from usf_bios.engine.speed import build_model, make_optimizer, resolve_plan
+from usf_bios.engine.model import Placement, build_model
+from usf_bios.engine.plan import resolve_plan
 from usf_bios.spec import JobSpec, Performance
 
 
@@ -76,11 +76,11 @@ def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, per
     finally:
         events.close()
     peak = torch.cuda.max_memory_allocated() / 1e9 if placement.device.type == "cuda" else 0.0
-    metrics = [e for e in read_events(workdir / "events.jsonl") if e["type"] == "metric"]
-    seconds = [float(m["step_seconds"]) for m in metrics]
-    tokens = [int(m["tokens"]) for m in metrics]
+    metrics = [e for e in read_events(workdir / "events.jsonl")[0] if isinstance(e, MetricEvent)]
+    seconds = [float(m.step_seconds or 0.0) for m in metrics]
+    tokens = [int(m.tokens or 0) for m in metrics]
     return Measurement(tokens_per_second=summarize(seconds, tokens, cfg.warmup_steps), peak_memory_gb=peak,
-                       step_seconds=seconds, step_tokens=tokens, losses=[float(m["loss"]) for m in metrics]), notes
+                       step_seconds=seconds, step_tokens=tokens, losses=[m.loss for m in metrics]), notes
 
 
 def longest_context(model: Any, cfg: BenchConfig, performance: Performance, *, start: int, limit: int,

@@ -186,7 +186,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from usf_bios.engine.speed import prefer_expandable_segments
+    from usf_bios.engine.memory import prefer_expandable_segments
     from usf_bios.spec import Performance
 
     prefer_expandable_segments()

@@ -21,7 +21,7 @@ import torch
 from usf_bios.bench.configs import get_config
 from usf_bios.bench.models import build_model
 from usf_bios.bench.synthetic import synthetic_examples
-from usf_bios.engine.speed import prefer_expandable_segments
+from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.spec import Performance
 
 

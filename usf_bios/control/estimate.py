@@ -10,7 +10,7 @@ default speed switches; tests/control/test_estimate.py holds the estimate to tho
   H100 has the H200's dense bf16 peak but slower memory: it measured about 6% fewer tokens/s).
 - Peak memory = weights (embeddings and output layer stay 16-bit under quantization) + LoRA weights with their
   gradients and AdamW state + what the decoder layers keep for the backward pass (the engine's own per-token
-  estimate, ``engine.speed.activation_bytes_per_token``, its choice of layers to recompute and, when micro-batches
+  estimate, ``engine.memory.activation_estimate``, its choice of layers to recompute and, when micro-batches
   are merged (the default where packing and varlen attention allow), the tokens it puts in one pass, as many as the
   card's memory holds) + the loss slices.
 - The CPU figure is what SmolLM2-135M reached on 2 cores here (~65 GFLOP/s effective).
@@ -103,49 +103,37 @@ def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
 
 
 def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> dict[str, float]:
+    """Raises SpeedPlanError where the engine would refuse the job's speed switches on a GPU host."""
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.speed import (HEADROOM_BYTES, activation_bytes_per_token, auto_loss, layers_to_recompute,
-                                       tokens_per_pass)
+    from usf_bios.engine.memory import HEADROOM_BYTES, activation_estimate
+    from usf_bios.engine.plan import plan_for
 
-    hp, perf = spec.hyperparameters, spec.performance
+    hp = spec.hyperparameters
     gib = 2**30
     h = int(config.get("hidden_size", 0))
-    layers = int(config.get("num_hidden_layers", 0))
     vocab = int(config.get("vocab_size", 0))
     tokens = hp.batch_size * hp.max_seq_length
     shape = SimpleNamespace(hidden_size=h, intermediate_size=int(config.get("intermediate_size", 4 * h)),
+                            num_hidden_layers=int(config.get("num_hidden_layers", 0)),
                             num_attention_heads=int(config.get("num_attention_heads", 1)),
                             num_key_value_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"))
-    planned = activation_bytes_per_token(shape, hp.lora_dropout,      # what the engine plans with (25% slack)
-                                         fused_lora=perf.fused_lora != "off")
-    per_token = planned / 1.25
+    plan = plan_for(spec.performance, hp, cuda=True, liger=True)   # a GPU host with the [gpu] extra
     embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
     if hp.quantization == "none":
         weights = parameters * 2
     else:
         weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
     lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
-    one_layer, layer_input = tokens * per_token, tokens * h * 2
-    if not hp.gradient_checkpointing:
-        activations = layers * one_layer
-    elif perf.checkpointing == "offload":
-        activations = one_layer
-    elif perf.checkpointing == "all" or hp.quantization != "none" or spec.gpu_config.num_gpus == 0:
-        activations = layers * layer_input + one_layer
-    else:  # auto: the engine recomputes only the layers that do not fit
-        free = _lookup(GPU_MEMORY_GIB, gpu_type) * gib - weights - lora_bytes
-        if perf.merge_micro_batches == "on" or (perf.merge_micro_batches == "auto" and hp.packing
-                                                 and perf.attention != "sdpa"):
-            tokens = tokens_per_pass(layers, planned, int(free), tokens, tokens * hp.gradient_accumulation_steps) or tokens
-            one_layer, layer_input = tokens * per_token, tokens * h * 2
-        k = layers_to_recompute(layers, tokens, planned, h * 2, int(free))
-        activations = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
-    loss = perf.loss if perf.loss != "auto" else auto_loss(perf, hp, liger=spec.gpu_config.num_gpus > 0)
-    if loss == "full":
+    free = _lookup(GPU_MEMORY_GIB, gpu_type) * gib - weights - lora_bytes
+    kept = activation_estimate(shape, checkpointing=plan.checkpointing, merge=plan.merge_micro_batches,
+                               micro_batch_tokens=tokens, step_tokens=tokens * hp.gradient_accumulation_steps,
+                               free_bytes=int(free), lora_dropout=hp.lora_dropout, fused_lora=plan.fused_lora)
+    activations, tokens = kept.bytes, kept.tokens_per_pass
+    if plan.loss == "full":
         logit_rows, logit_bytes = tokens, 8
-    elif loss == "fused":
+    elif plan.loss == "fused":
         logit_rows, logit_bytes = fused_loss_rows(tokens, vocab, h), 4
     else:
         logit_rows, logit_bytes = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))), 6

@@ -1,85 +1,159 @@
-"""Jobs as the REST API sees them: create from a spec with registered references, cancel, resume."""
+"""Jobs: submit a spec with registered references, find, cancel, resume, and what a job has produced (metric
+points, checkpoints, log, the finished adapter). No HTTP here: failures are domain errors."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from pathlib import Path
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from usf_bios.api.deps import Caller
 from usf_bios.control import lifecycle
-from usf_bios.control.lifecycle import JobStatus
-from usf_bios.control.tables import DatasetEntry, Job, ModelEntry
+from usf_bios.control.datasets import find_dataset
+from usf_bios.control.errors import Conflict, Invalid, NotFound
+from usf_bios.control.keys import Caller
+from usf_bios.control.lifecycle import InvalidTransition, JobStatus
+from usf_bios.control.models import find_model
+from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePublic, JobPublic, JobsPublic,
+                                      JobStatusPublic, MetricPointPublic)
+from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
+from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
+from usf_bios.models.inspect import folder_size
 from usf_bios.storage import StorageLayout
 
-
-class JobRequestError(ValueError):
-    """A request that names something that is not there; ``field`` is the spec path at fault."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-    def errors(self) -> list[dict[str, str]]:
-        """The API's error list, as the request validation handler sends it."""
-        return [{"field": self.field, "message": self.message}]
+MAX_LIST = 500
 
 
-def resolve_references(session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
-    from usf_bios.api.routes.datasets import find_dataset
-    from usf_bios.api.routes.models import find_model
-
+def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
     model = find_model(session, caller, spec.base_model)
     if model is None:
-        raise JobRequestError("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
+        raise Invalid("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
     if not model.valid:
-        raise JobRequestError("base_model", f"model {model.name!r} is not usable: {'; '.join(model.problems)}")
+        raise Invalid("base_model", f"model {model.name!r} is not usable: {'; '.join(model.problems)}")
     dataset = find_dataset(session, caller, spec.dataset)
     if dataset is None:
-        raise JobRequestError("dataset", f"no registered dataset {spec.dataset!r} (upload it with POST /api/datasets)")
+        raise Invalid("dataset", f"no registered dataset {spec.dataset!r} (upload it with POST /api/datasets)")
     return model, dataset
 
 
-def submit_job(session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
+def executor_for(spec: JobSpec, settings: Settings) -> str:
+    """The executor a job runs on: the one its ``gpu_config.executor`` names, else the server's USF_EXECUTOR."""
+    return settings.executor if spec.gpu_config.executor == "default" else spec.gpu_config.executor
+
+
+def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
     """Lock the spec (with the model folder and dataset file it resolves to) and queue the job."""
-    model, dataset = resolve_references(session, caller, spec)
+    model, dataset = resolve_references(session=session, caller=caller, spec=spec)
     locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
     job_id = create_job(locked, layout)
     job = Job(id=job_id, name=spec.name, status=JobStatus.QUEUED.value, spec=locked.model_dump(mode="json"),
               request=spec.model_dump(mode="json"), model_id=model.id, dataset_id=dataset.id,
               num_gpus=spec.gpu_config.num_gpus, max_attempts=settings.max_attempts, owner_key_id=caller.owner,
-              metrics={})
+              executor=executor_for(spec, settings), metrics={})
     session.add(job)
     session.commit()
     return job
 
 
-def cancel_job(session: Session, job: Job) -> None:
-    """Queued: cancelled at once. Running: SIGTERM (checkpoint, then cancelled), SIGKILL after the grace period."""
-    if job.status == JobStatus.QUEUED.value:
-        lifecycle.mark_cancelled(job)
-    else:
-        lifecycle.mark_cancelling(job)
+def get_job(*, session: Session, caller: Caller, job_id: str) -> Job:
+    """The caller's job; NotFound reads the same whether it is missing or another key's."""
+    job = session.get(Job, job_id) if "\x00" not in job_id else None
+    if job is None or not caller.can_see(job.owner_key_id):
+        raise NotFound("job", job_id)
+    return job
+
+
+def job_public(session: Session, job: Job) -> JobPublic:
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    return JobPublic.model_validate({
+        **{name: getattr(job, name) for name in JobPublic.model_fields if name not in ("spec", "artifact", "metrics")},
+        "metrics": job.metrics or {}, "spec": job.request,
+        "artifact": ArtifactRef.model_validate(artifact) if artifact else None,
+    })
+
+
+def find_jobs(*, session: Session, caller: Caller, statuses: Iterable[JobStatus] | None = None, limit: int = 50,
+              offset: int = 0) -> JobsPublic:
+    """The caller's jobs (with these statuses), newest first, and how many match."""
+    query = caller.scope(select(Job), Job.owner_key_id)
+    if statuses is not None:
+        query = query.where(Job.status.in_([s.value for s in statuses]))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    return JobsPublic(items=[job_public(session, j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+def job_status(job: Job) -> JobStatusPublic:
+    return JobStatusPublic.model_validate(job)
+
+
+def _transition(session: Session, job: Job, action: str) -> None:
+    try:
+        if action == "cancel":
+            # queued: cancelled at once; running: SIGTERM (checkpoint, then cancelled), SIGKILL after the grace period
+            if job.status == JobStatus.QUEUED.value:
+                lifecycle.mark_cancelled(job)
+            else:
+                lifecycle.mark_cancelling(job)
+        else:
+            lifecycle.requeue(job, reset_attempts=True)   # the engine continues from the newest checkpoint
+            job.error = None
+    except InvalidTransition as err:
+        session.rollback()
+        raise Conflict(str(err)) from None
     session.commit()
 
 
-def resume_job(session: Session, job: Job) -> None:
-    """Back to the queue; the engine continues from the newest checkpoint."""
-    lifecycle.requeue(job, reset_attempts=True)
-    job.error = None
-    session.commit()
+def cancel_job(*, session: Session, job: Job) -> None:
+    _transition(session, job, "cancel")
 
 
-def job_public(job: Job, artifact: Any | None = None) -> dict[str, Any]:
-    return {
-        "id": job.id, "name": job.name, "status": job.status, "stage": job.stage, "progress": job.progress,
-        "current_step": job.current_step, "total_steps": job.total_steps, "current_epoch": job.current_epoch,
-        "metrics": job.metrics or {}, "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "attempts": job.attempts, "max_attempts": job.max_attempts,
-        "model_id": job.model_id, "dataset_id": job.dataset_id, "num_gpus": job.num_gpus, "spec": job.request,
-        "artifact": {"name": artifact.name, "version": artifact.version} if artifact else None,
-    }
+def resume_job(*, session: Session, job: Job) -> None:
+    _transition(session, job, "resume")
+
+
+def job_metrics(*, session: Session, job: Job) -> list[MetricPointPublic]:
+    points = session.scalars(select(MetricPoint).where(MetricPoint.job_id == job.id).order_by(MetricPoint.step))
+    return [MetricPointPublic.model_validate(p) for p in points]
+
+
+def job_checkpoints(*, layout: StorageLayout, job: Job) -> list[CheckpointPublic]:
+    return [CheckpointPublic(step=read_state(folder).step, name=folder.name, size_bytes=folder_size(folder),
+                             created_at=folder.stat().st_mtime)
+            for folder in list_checkpoints(layout.job_checkpoints(job.id))]
+
+
+def job_log_tail(*, layout: StorageLayout, job: Job, lines: int) -> str:
+    path = layout.job_log(job.id)
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]) + "\n"
+
+
+def adapter_folder(*, layout: StorageLayout, job: Job) -> Path:
+    """The finished job's output folder; Conflict until the job has completed."""
+    if job.status != JobStatus.COMPLETED.value:
+        raise Conflict(f"job {job.id} is {job.status}; the adapter exists once it completes")
+    return layout.job_output(job.id)
+
+
+def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:
+    """The job's estimate from its dataset's token lengths; Invalid where the model's config cannot be read or the
+    engine would refuse the speed switches."""
+    import json
+
+    from usf_bios.control.estimate import estimate_job
+    from usf_bios.engine.plan import SpeedPlanError
+
+    try:
+        found = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
+    except SpeedPlanError as exc:
+        field, _, reason = str(exc).partition(": ")
+        raise Invalid(field, reason) from None
+    return EstimatePublic.model_validate(found)

@@ -1,33 +1,15 @@
-"""Job status: the enum, the one transition table, and the only functions that write ``Job.status``."""
+"""Job status: the one transition table, and the only functions that write ``Job.status`` (the enum itself is
+``usf_bios.status.JobStatus``, re-exported here)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from enum import Enum
 from typing import TYPE_CHECKING
+
+from usf_bios.status import JobStatus
 
 if TYPE_CHECKING:
     from usf_bios.control.tables import Job
-
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    PREPARING = "preparing"
-    RUNNING = "running"
-    CANCELLING = "cancelling"
-    INTERRUPTED = "interrupted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-    @property
-    def is_active(self) -> bool:
-        """A process may exist for the job."""
-        return self in (JobStatus.PREPARING, JobStatus.RUNNING, JobStatus.CANCELLING)
 
 
 S = JobStatus
@@ -67,9 +49,10 @@ def mark_preparing(job: "Job") -> None:
     job.error = None
 
 
-def mark_running(job: "Job", pid: int, pid_start_time: str, gpu_ids: str) -> None:
+def mark_running(job: "Job", handle: str, gpu_ids: str) -> None:
+    """Started by its executor, which knows it by ``handle`` (the local executor: '<pid>:<start time>')."""
     _move(job, S.RUNNING)
-    job.pid, job.pid_start_time, job.gpu_ids = pid, pid_start_time, gpu_ids
+    job.handle, job.gpu_ids = handle, gpu_ids
     job.started_at = job.started_at or _now()
 
 
@@ -82,8 +65,7 @@ def _finish(job: "Job", target: JobStatus, error: str | None = None) -> None:
     _move(job, target)
     job.error = error
     job.finished_at = _now()
-    job.pid = None
-    job.pid_start_time = None
+    job.handle = None
 
 
 def mark_completed(job: "Job") -> None:
@@ -101,8 +83,7 @@ def mark_cancelled(job: "Job") -> None:
 def mark_interrupted(job: "Job", reason: str) -> None:
     _move(job, S.INTERRUPTED)
     job.error = reason
-    job.pid = None
-    job.pid_start_time = None
+    job.handle = None
 
 
 def requeue(job: "Job", reset_attempts: bool = False) -> None:

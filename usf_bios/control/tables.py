@@ -103,6 +103,7 @@ class Job(Base):
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"), nullable=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
     num_gpus: Mapped[int] = mapped_column(Integer, default=1)
+    executor: Mapped[str] = mapped_column(String(20), default="local", server_default="local")  # who runs it
     current_step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     current_epoch: Mapped[float] = mapped_column(Float, default=0.0)
@@ -110,8 +111,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    pid_start_time: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    handle: Mapped[str | None] = mapped_column(String(255), nullable=True)   # the executor's handle of the job
     gpu_ids: Mapped[str | None] = mapped_column(String(64), nullable=True)
     events_offset: Mapped[int] = mapped_column(BigInteger, default=0)    # bytes of the events file already read
     owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)

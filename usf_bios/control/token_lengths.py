@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from usf_bios.control.jobs import JobRequestError
+from usf_bios.control.errors import Invalid
 from usf_bios.control.tables import DatasetEntry, ModelEntry
 
 CACHE_SIZE = 16                       # results kept (8 bytes per example each)
@@ -35,7 +35,7 @@ _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="usf-toke
 tokenizations = 0                     # datasets this process has tokenized (tests and debugging read it)
 
 
-class TokenLengthsError(JobRequestError):
+class TokenLengthsError(Invalid):
     """The dataset cannot be read in this format (field ``dataset_format``, or ``dataset`` for its file), or the
     model's tokenizer cannot tokenize it (field ``base_model``). Messages name the dataset, never its stored path."""
 

@@ -25,11 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from usf_bios.engine.checkpoint import TrainerState, save_checkpoint
 from usf_bios.engine.data import Batch, TrainingData
-from usf_bios.engine.events import EventLog
+from usf_bios.engine.events import CheckpointEvent, EvalEvent, EventLog, MetricEvent
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
-from usf_bios.engine.speed import SpeedPlan
+from usf_bios.engine.plan import SpeedPlan
 from usf_bios.spec import Hyperparameters
+from usf_bios.status import JobStatus
 
 
 @dataclass
@@ -144,8 +145,8 @@ class StepReadout:
         return float(loss), float(grad_norm), max(clock.seconds(self.started, self.ended), 1e-9)
 
 
-def train(run: TrainingRun) -> str:
-    """Run optimizer steps until ``total_steps`` or a stop request; return 'completed' or 'cancelled'."""
+def train(run: TrainingRun) -> JobStatus:
+    """Run optimizer steps until ``total_steps`` or a stop request; return completed or cancelled."""
     model, optimizer, scheduler, state, hp, events = run.model, run.optimizer, run.scheduler, run.state, run.hp, run.events
     device = run.placement.device
     scaler = torch.amp.GradScaler("cuda") if run.placement.precision == "fp16" else None
@@ -161,22 +162,16 @@ def train(run: TrainingRun) -> str:
     def report(readout: StepReadout) -> None:
         """Wait for a queued step, then log its metric; raise on a non-finite loss."""
         mean_loss, grad_norm, elapsed = readout.wait(clock)
-        metric = {
-            "step": readout.step,
-            "epoch": readout.epoch,
-            "loss": mean_loss,
-            "learning_rate": readout.learning_rate,
-            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-            "tokens": readout.tokens,
-            "step_seconds": round(elapsed, 4),
-            "tokens_per_second": round(readout.tokens / elapsed, 1),
-            "gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-        }
+        tokens_per_second = round(readout.tokens / elapsed, 1)
         events.log(f"step {readout.step}/{state.total_steps} loss {mean_loss:.4f} lr {readout.learning_rate:.3g} "
-                   f"grad_norm {grad_norm:.3f} {metric['tokens_per_second']} tok/s")
+                   f"grad_norm {grad_norm:.3f} {tokens_per_second} tok/s")
         if not math.isfinite(mean_loss):  # in the log, not in the events (JSON has no NaN), and never checkpointed
             raise FloatingPointError(f"the loss became {mean_loss} at step {readout.step}; lower learning_rate")
-        events.emit("metric", **metric)
+        events.emit(MetricEvent(
+            step=readout.step, epoch=readout.epoch, loss=mean_loss, learning_rate=readout.learning_rate,
+            grad_norm=grad_norm if math.isfinite(grad_norm) else None, tokens=readout.tokens,
+            step_seconds=round(elapsed, 4), tokens_per_second=tokens_per_second,
+            gpu_memory_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None))
         progress.update(task, completed=readout.step, loss=f"{mean_loss:.4f}")
 
     def settle() -> None:
@@ -192,9 +187,9 @@ def train(run: TrainingRun) -> str:
                 settle()
                 if state.step > 0:
                     path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
-                    events.emit("checkpoint", step=state.step, path=str(path))
+                    events.emit(CheckpointEvent(step=state.step, path=str(path)))
                 events.log(f"stop requested: stopping at step {state.step}")
-                return "cancelled"
+                return JobStatus.CANCELLED
             with torch.profiler.record_function("usf.next_micro_batches"):
                 batches = next_micro_batches(run)
             step_tokens = sum(b.trained_tokens for b in batches)
@@ -236,13 +231,18 @@ def train(run: TrainingRun) -> str:
                 events.stage("evaluating")
                 validation_loss = evaluate(run)
                 if validation_loss is not None:
-                    events.emit("eval", step=state.step, validation_loss=validation_loss)
+                    events.emit(EvalEvent(step=state.step, validation_loss=validation_loss))
                     events.log(f"step {state.step} validation_loss {validation_loss:.4f}")
                 events.stage("training", total_steps=state.total_steps)
             if saving:
                 path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
-                events.emit("checkpoint", step=state.step, path=str(path))
+                events.emit(CheckpointEvent(step=state.step, path=str(path)))
             if evaluating or saving:
                 step_start = clock.mark()   # the next step's time leaves the evaluation and the checkpoint out
         settle()
-    return "completed"
+    return JobStatus.COMPLETED
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, plan: SpeedPlan) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {"fused": True} if plan.fused_optimizer else {}
+    return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, **kwargs)

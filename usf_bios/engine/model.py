@@ -1,15 +1,22 @@
-"""Load the base model and tokenizer, quantize when asked, and wrap the model with LoRA."""
+"""Load the base model and tokenizer, quantize when asked, wrap the model with LoRA, and apply the speed plan
+(``build_model``)."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from usf_bios.models.validate import weight_files
+from usf_bios.engine.attention import use_varlen_attention
+from usf_bios.engine.fused_lora import fuse_lora_layers
+from usf_bios.engine.loss import head_is_plain
+from usf_bios.engine.memory import activation_bytes_per_token, expandable_segments_active, free_gpu_bytes, tokens_per_pass
+from usf_bios.engine.offload import apply_checkpointing, decoder_layers
+from usf_bios.engine.plan import SpeedPlan, SpeedPlanError
 from usf_bios.models.sources import ResolvedModel
+from usf_bios.models.validate import weight_files
 from usf_bios.spec import JobSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -142,3 +149,64 @@ def free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --- speed switches on the model ---------------------------------------------------------------------------
+
+
+def apply_fused_kernels(model: Any) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU in place of the model's own (the loss is chosen separately)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise SpeedPlanError(f"performance.fused_kernels: Liger has no kernels for {model_type} models")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+
+def compile_layers(model: Any) -> int:
+    """``torch.compile`` every decoder layer in place (regional compilation: the layers share their code, and with
+    parameters passed as graph inputs one compiled graph serves them all). Inside the checkpointing wrapper, so a
+    recomputed layer runs the compiled code too. Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)  # the token count changes between micro-batches: dynamic after the first change
+    return len(layers)
+
+
+def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement) -> tuple[Any, SpeedPlan, list[str]]:
+    """Fused kernels and attention on the base model, LoRA, then checkpointing; returns the model, the plan as
+    applied (a head that cannot be sliced turns the loss back to ``full``) and lines for the job log."""
+    hp = spec.hyperparameters
+    if plan.fused_kernels:
+        apply_fused_kernels(base)
+    if plan.attention == "varlen":
+        use_varlen_attention(base)
+    model = apply_lora(base, spec)
+    if plan.fused_lora:
+        fuse_lora_layers(model)
+    notes = []
+    if plan.loss != "full" and (why := head_is_plain(model)):
+        notes.append(f"loss: full logits, because {why}")
+        plan = replace(plan, loss="full")
+    dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
+    pass_tokens = hp.batch_size * hp.max_seq_length
+    per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
+    if plan.merge_micro_batches:
+        merged = tokens_per_pass(len(decoder_layers(model)), per_token, free_gpu_bytes(model), pass_tokens,
+                                 pass_tokens * hp.gradient_accumulation_steps)
+        plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
+        pass_tokens = merged or pass_tokens
+    recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, per_token, hp.lora_dropout,
+                                                            dtype_bytes)
+    if plan.compile:
+        compile_layers(model)
+    notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "
+                 "their activations" + (f", {offloaded} keep their input in host memory (up to "
+                                        f"{host_bytes / 1e9:.1f} GB)" if plan.checkpointing == "offload" else ""))
+    if placement.device.type == "cuda":
+        notes.append("CUDA allocator: " + ("expandable segments" if expandable_segments_active(placement.device)
+                                           else "fixed segments (PYTORCH_CUDA_ALLOC_CONF as set before CUDA started)"))
+    return model, plan, notes

@@ -56,7 +56,7 @@ def write_outputs(folder: Path, model: Any, tokenizer: Any, spec: JobSpec, base_
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    points = training_log(read_events(events_path))
+    points = training_log(read_events(events_path)[0])
     args = {**spec.hyperparameters.model_dump(mode="json"), "base_model": spec.base_model,
             "base_model_path": str(base_path), "dataset": spec.dataset, **facts, "versions": _versions()}
     (folder / "training_args.json").write_text(json.dumps(args, indent=2))

@@ -25,17 +25,19 @@ from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
-from usf_bios.engine.loop import TrainingRun, train
-from usf_bios.engine.model import choose_placement, free_gpu_memory, load_base_model, load_tokenizer
-from usf_bios.engine.speed import build_model, make_optimizer, prefer_expandable_segments, resolve_plan
+from usf_bios.engine.loop import TrainingRun, make_optimizer, train
+from usf_bios.engine.memory import prefer_expandable_segments
+from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
+from usf_bios.engine.plan import resolve_plan
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
 from usf_bios.models.validate import check_model_folder
 from usf_bios.settings import get_settings
 from usf_bios.spec import JobSpec
+from usf_bios.status import JobStatus
 from usf_bios.storage import StorageLayout
 
-EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
+EXIT_CODES = {JobStatus.COMPLETED: 0, JobStatus.FAILED: 1, JobStatus.CANCELLED: 3}
 
 
 class JobAlreadyRunning(ResumeRefused):
@@ -59,7 +61,7 @@ def job_lock(folder: Path) -> Iterator[None]:
 @dataclass(frozen=True)
 class JobResult:
     job_id: str
-    status: str            # completed | failed | cancelled
+    status: JobStatus      # completed | failed | cancelled
     output_dir: Path
     error: str | None = None
 
@@ -181,22 +183,22 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
         run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
                           should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
         status = train(run)
-        if status == "cancelled":
-            events.done("cancelled")
-            return JobResult(job_id, "cancelled", output_dir)
+        if status == JobStatus.CANCELLED:
+            events.done(JobStatus.CANCELLED)
+            return JobResult(job_id, JobStatus.CANCELLED, output_dir)
         events.stage("saving")
         facts = {"dataset_format": dataset.format, "dataset_sha256": dataset.sha256,
                  "train_examples": len(data.train_examples), "validation_examples": len(data.val_examples),
                  "total_steps": total_steps, "device": str(placement.device), "precision": placement.precision,
                  "model_source": resolved.source}
         write_outputs(output_dir, model, tokenizer, spec, resolved.path, events.events_path, facts)
-        events.done("completed")
-        return JobResult(job_id, "completed", output_dir)
+        events.done(JobStatus.COMPLETED)
+        return JobResult(job_id, JobStatus.COMPLETED, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
         events.log(traceback.format_exc())
-        events.done("failed", error=message)
-        return JobResult(job_id, "failed", output_dir, message)
+        events.done(JobStatus.FAILED, error=message)
+        return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:
         events.close()
         stop.uninstall()

@@ -1,5 +1,6 @@
 """The new-job form, built from the job spec itself: every field's help text, default and bounds come from
-``usf_bios.spec``, so the form cannot drift from what the API accepts. Presets fill the hyperparameters."""
+``usf_bios.spec``, so the form cannot drift from what the API accepts. Presets (usf_bios/presets/*.yaml) fill the
+fields they set."""
 
 from __future__ import annotations
 
@@ -190,32 +191,12 @@ def job_form() -> JobForm:
     )
 
 
-# Presets: hyperparameters only (model, dataset, GPUs and QLoRA stay as chosen). Each must validate as
-# Hyperparameters; tests/web/test_forms.py checks that.
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "label": "Quick",
-        "summary": "One epoch at rank 8: a first result to look at.",
-        "hyperparameters": {"num_epochs": 1, "max_steps": None, "learning_rate": 3.0e-4, "batch_size": 4,
-                            "gradient_accumulation_steps": 2, "max_seq_length": 1024, "lora_r": 8, "lora_alpha": 16,
-                            "lora_dropout": 0.05, "warmup_ratio": 0.03, "val_split": 0.05, "eval_steps": 50,
-                            "save_steps": 100},
-    },
-    "balanced": {
-        "label": "Balanced",
-        "summary": "Three epochs at rank 16: the defaults, good for most datasets.",
-        "hyperparameters": {"num_epochs": 3, "max_steps": None, "learning_rate": 2.0e-4, "batch_size": 4,
-                            "gradient_accumulation_steps": 4, "max_seq_length": 2048, "lora_r": 16, "lora_alpha": 32,
-                            "lora_dropout": 0.05, "warmup_ratio": 0.03, "val_split": 0.05, "eval_steps": 50,
-                            "save_steps": 100},
-    },
-    "thorough": {
-        "label": "Thorough",
-        "summary": "Five epochs at rank 32 with a lower rate and longer sequences.",
-        "hyperparameters": {"num_epochs": 5, "max_steps": None, "learning_rate": 1.0e-4, "batch_size": 4,
-                            "gradient_accumulation_steps": 8, "max_seq_length": 4096, "lora_r": 32, "lora_alpha": 64,
-                            "lora_dropout": 0.1, "warmup_ratio": 0.05, "val_split": 0.1, "eval_steps": 25,
-                            "save_steps": 50},
-    },
-}
-DEFAULT_PRESET = "balanced"
+def form_presets() -> dict[str, dict[str, Any]]:
+    """The preset files (usf_bios/presets) as the form applies them: each group's fields by their spec path; the
+    base model stays as picked."""
+    from usf_bios.presets import load_presets
+
+    return {name: {"label": p.label, "summary": p.summary, "command": p.command,
+                   "fields": {f"{group}.{key}": value for group, values in p.fields.items() if isinstance(values, dict)
+                              for key, value in values.items()}}
+            for name, p in load_presets().items()}

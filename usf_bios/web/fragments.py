@@ -1,7 +1,7 @@
 """HTML fragments that htmx swaps into the pages: lists rendered on the server for the caller only.
 
-Every fragment takes the same API key as /api (``CurrentCaller``) and reads through the same functions
-the REST routes use, so what a key cannot see through /api it cannot see here either."""
+Every fragment takes the same API key as /api (``CurrentCaller``) and reads through the same control-plane
+functions the REST routes call, so what a key cannot see through /api it cannot see here either."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
 from usf_bios.api.deps import CurrentCaller, LayoutDep, SessionDep
-from usf_bios.api.routes.datasets import list_datasets
-from usf_bios.api.routes.jobs import find_jobs
-from usf_bios.api.routes.keys import list_keys
-from usf_bios.api.routes.models import list_models
-from usf_bios.api.routes.system import host_facts
+from usf_bios.control.datasets import list_datasets
+from usf_bios.control.jobs import find_jobs
+from usf_bios.control.keys import list_keys
 from usf_bios.control.lifecycle import JobStatus
+from usf_bios.control.models import list_models
+from usf_bios.control.schemas import KeyPublic
+from usf_bios.control.system import host_facts
 from usf_bios.web.render import render_fragment
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -37,26 +38,26 @@ def jobs(request: Request, caller: CurrentCaller, session: SessionDep,
          status: Annotated[JobStatus | Literal[""], Query()] = "") -> HTMLResponse:
     """active: not final yet; recent: the last five final ones; all: every job (or one status; '' = any)."""
     if view == "active":
-        items, total = find_jobs(session, caller, ACTIVE, JOBS_SHOWN)
+        found = find_jobs(session=session, caller=caller, statuses=ACTIVE, limit=JOBS_SHOWN)
     elif view == "recent":
-        items, total = find_jobs(session, caller, FINISHED, 5)
+        found = find_jobs(session=session, caller=caller, statuses=FINISHED, limit=5)
     else:
-        items, total = find_jobs(session, caller, [status] if status else None, JOBS_SHOWN)
-    return render_fragment(request, "fragments/jobs.html", jobs=items, total=total, view=view)
+        found = find_jobs(session=session, caller=caller, statuses=[status] if status else None, limit=JOBS_SHOWN)
+    return render_fragment(request, "fragments/jobs.html", jobs=found.items, total=found.total, view=view)
 
 
 @router.get("/datasets", response_class=HTMLResponse)
 def datasets(request: Request, caller: CurrentCaller, session: SessionDep) -> HTMLResponse:
-    return render_fragment(request, "fragments/datasets.html", datasets=list_datasets(caller, session))
+    return render_fragment(request, "fragments/datasets.html", datasets=list_datasets(session=session, caller=caller))
 
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request, caller: CurrentCaller, session: SessionDep) -> HTMLResponse:
-    return render_fragment(request, "fragments/models.html", models=list_models(caller, session))
+    return render_fragment(request, "fragments/models.html", models=list_models(session=session, caller=caller))
 
 
 @router.get("/keys", response_class=HTMLResponse)
 def keys(request: Request, caller: CurrentCaller, session: SessionDep) -> HTMLResponse:
     """Admins see every key; anyone else a note (the keys API answers them 403)."""
-    rows = list_keys(caller, session) if caller.is_admin else None
+    rows = [KeyPublic.model_validate(row) for row in list_keys(session)] if caller.is_admin else None
     return render_fragment(request, "fragments/keys.html", keys=rows, is_admin=caller.is_admin)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from usf_bios.datasets.formats import FORMATS
-from usf_bios.web.forms import DEFAULT_PRESET, PRESETS, job_form
+from usf_bios.presets import DEFAULT_PRESET
+from usf_bios.web.forms import form_presets, job_form
 from usf_bios.web.render import render_page
 
 router = APIRouter(include_in_schema=False)
@@ -28,7 +29,7 @@ def jobs(request: Request) -> HTMLResponse:
 
 @router.get("/jobs/new", response_class=HTMLResponse)
 def new_job(request: Request, model: str = "", dataset: str = "") -> HTMLResponse:
-    return render_page(request, "new_job.html", "jobs", "New job", form=job_form(), presets=PRESETS,
+    return render_page(request, "new_job.html", "jobs", "New job", form=job_form(), presets=form_presets(),
                        default_preset=DEFAULT_PRESET, chosen={"model": model, "dataset": dataset})
 
 

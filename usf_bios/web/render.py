@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 
 from usf_bios import __version__
 from usf_bios.control.lifecycle import ALLOWED, JobStatus
+from usf_bios.control.tables import as_utc
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
@@ -50,17 +51,11 @@ def when(value: datetime | float | None) -> str:
         return "—"
     if isinstance(value, (int, float)):
         value = datetime.fromtimestamp(value, timezone.utc)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return as_utc(value).strftime("%Y-%m-%d %H:%M UTC")  # type: ignore[union-attr]
 
 
 def iso(value: datetime | None) -> str:
-    if value is None:
-        return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
+    return "" if value is None else as_utc(value).isoformat()  # type: ignore[union-attr]
 
 
 def percent(value: float | None) -> str:

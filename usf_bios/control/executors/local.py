@@ -1,7 +1,8 @@
 """Local executor: one engine process per job, in its own session (process group), on this host.
 
-The process outlives the server on purpose: a restarted server finds it by pid and start time
-(so a reused pid is never mistaken for the job) and follows it again.
+The process outlives the server on purpose: a restarted server finds it by pid and start time (so a reused pid is
+never mistaken for the job) and follows it again. Its handle is '<pid>:<start time>'; its events come from the
+job's events file, read from a byte offset.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from usf_bios.control.executors.base import Progress, Resources
+from usf_bios.control.gpus import list_gpus
+from usf_bios.engine.events import read_events
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
 
@@ -21,6 +25,14 @@ from usf_bios.storage import StorageLayout
 class ProcessRef:
     pid: int
     start_time: str   # /proc/{pid}/stat field 22: clock ticks after boot when the process started
+
+    @classmethod
+    def parse(cls, handle: str) -> "ProcessRef | None":
+        pid, _, start = handle.partition(":")
+        return cls(int(pid), start) if pid.isdigit() else None
+
+    def __str__(self) -> str:
+        return f"{self.pid}:{self.start_time}"
 
 
 def process_start_time(pid: int) -> str | None:
@@ -51,11 +63,20 @@ def engine_environment(settings: Settings, gpu_ids: list[int]) -> dict[str, str]
 
 
 class LocalExecutor:
+    name = "local"
+
     def __init__(self, layout: StorageLayout, settings: Settings):
         self.layout, self.settings = layout, settings
         self._children: dict[int, subprocess.Popen] = {}
+        self._stopping: set[int] = set()      # pids sent SIGTERM by this process
+        self._gpu_count: int | None = None
 
-    def start(self, job_id: str, gpu_ids: list[int]) -> ProcessRef:
+    def resources(self) -> Resources:
+        if self._gpu_count is None:
+            self._gpu_count = len(list_gpus())
+        return Resources(gpus=self._gpu_count, cpu_slots=self.settings.max_cpu_jobs)
+
+    def start(self, job_id: str, gpu_ids: list[int]) -> str:
         out = self.layout.logs / f"{job_id}.out"
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("ab") as handle:
@@ -63,26 +84,43 @@ class LocalExecutor:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     env=engine_environment(self.settings, gpu_ids), cwd=self.layout.root)
         self._children[proc.pid] = proc
-        return ProcessRef(proc.pid, process_start_time(proc.pid) or "")
+        return str(ProcessRef(proc.pid, process_start_time(proc.pid) or ""))
 
-    def is_alive(self, ref: ProcessRef) -> bool:
+    def poll(self, handle: str | None, cursor: int, job_id: str) -> Progress:
+        events, cursor = read_events(self.layout.job_events(job_id), cursor)
+        ref = ProcessRef.parse(handle) if handle else None
+        alive = ref is not None and self._is_alive(ref)
+        exit_code = None
+        if ref is not None and not alive and ref.pid in self._children:
+            exit_code = self._children[ref.pid].poll()
+        return Progress(events=events, cursor=cursor, alive=alive, exit_code=exit_code)
+
+    def cancel(self, handle: str, kill: bool) -> None:
+        """SIGTERM once (the engine checkpoints and ends as cancelled), SIGKILL when ``kill``; to the process group,
+        and only while the process is still the job's."""
+        ref = ProcessRef.parse(handle)
+        if ref is None or not self._is_alive(ref):
+            return
+        if not kill and ref.pid in self._stopping:
+            return
+        self._stopping.add(ref.pid)
+        try:
+            os.killpg(ref.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def describe(self, handle: str | None) -> str:
+        ref = ProcessRef.parse(handle) if handle else None
+        return f"local process {ref.pid}" if ref else "local"
+
+    def forget(self, handle: str) -> None:
+        ref = ProcessRef.parse(handle)
+        if ref is not None:
+            self._children.pop(ref.pid, None)
+            self._stopping.discard(ref.pid)
+
+    def _is_alive(self, ref: ProcessRef) -> bool:
         child = self._children.get(ref.pid)
         if child is not None:
             return child.poll() is None
         return ref.start_time != "" and process_start_time(ref.pid) == ref.start_time
-
-    def exit_code(self, ref: ProcessRef) -> int | None:
-        """Known only for processes this server started (and reaped)."""
-        child = self._children.get(ref.pid)
-        return child.poll() if child is not None else None
-
-    def forget(self, ref: ProcessRef) -> None:
-        self._children.pop(ref.pid, None)
-
-    def send_signal(self, ref: ProcessRef, sig: signal.Signals) -> None:
-        """Signal the job's whole process group, if the process is still the job's."""
-        if self.is_alive(ref):
-            try:
-                os.killpg(ref.pid, sig)
-            except ProcessLookupError:
-                pass

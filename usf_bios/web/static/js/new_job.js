@@ -100,8 +100,8 @@ function buildSpec() {
 function applyPreset(key) {
   const preset = presets[key];
   if (!preset) return;
-  for (const [name, value] of Object.entries(preset.hyperparameters)) {
-    const input = form.querySelector(`[name="hyperparameters.${name}"]`);
+  for (const [path, value] of Object.entries(preset.fields)) {
+    const input = form.querySelector(`[name="${path}"]`);
     if (!input) continue;
     if (input.type === "checkbox") input.checked = Boolean(value);
     else input.value = value === null ? "" : String(value);

@@ -1,0 +1,266 @@
+"""What the control plane hands out about each entity: one pydantic model per answer, built from the job store's
+rows by the domain modules, declared as the API's ``response_model`` (so /docs documents every response), and
+rendered by the dashboard's fragments."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from usf_bios.engine.events import METRIC_FIELDS
+from usf_bios.status import JobStatus
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- system ---------------------------------------------------------------------------------------------------
+
+class Health(_Out):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class GpuPublic(_Out):
+    index: int
+    name: str
+    memory_total_gb: float
+    memory_used_gb: float
+    utilization_percent: int
+
+
+class DiskPublic(_Out):
+    path: str
+    total_gb: float
+    free_gb: float
+
+
+class HostFacts(_Out):
+    version: str
+    gpus: list[GpuPublic]
+    disk: DiskPublic
+
+
+# --- keys -----------------------------------------------------------------------------------------------------
+
+class KeyCreate(BaseModel):
+    name: str = Field(..., min_length=1, max_length=100)
+    is_admin: bool = False
+
+
+class KeyPublic(_Out):
+    id: str
+    name: str
+    prefix: str
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(..., description="The key itself; shown once, only a hash is stored.")
+
+
+# --- datasets -------------------------------------------------------------------------------------------------
+
+class DatasetPublic(_Out):
+    id: str
+    name: str
+    filename: str
+    format: str
+    rows: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class TokenStatsPublic(_Out):
+    min: int
+    mean: float
+    p95: int
+    max: int
+    truncated: int
+    max_seq_length: int
+
+
+class LengthBucket(_Out):
+    start: int   # inclusive
+    end: int     # exclusive
+    count: int
+
+
+class ModelRef(_Out):
+    id: str
+    name: str
+
+
+class DatasetDetail(DatasetPublic):
+    token_stats: TokenStatsPublic | None = None
+    token_stats_model: ModelRef | None = None
+    token_stats_error: str | None = None
+    length_histogram: list[LengthBucket] | None = None
+
+
+class PreviewMessage(_Out):
+    role: str
+    content: str
+
+
+class PreviewExample(_Out):
+    line: int
+    messages: list[PreviewMessage]
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+REPO_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+NAME = r"^[^\x00-\x1f\x7f]+$"
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, pattern=NAME)
+    source: Literal["local", "huggingface", "modelscope"]
+    path: str | None = Field(None, min_length=1, max_length=4096, pattern=NAME,
+                             description="source local: the model folder (absolute, or relative to USF_MODEL_PATH).")
+    repo_id: str | None = Field(None, max_length=200, pattern=REPO_ID,
+                                description="source huggingface/modelscope: org/name, found in the local cache.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "ModelCreate":
+        if self.source == "local" and not self.path:
+            raise ValueError("path is required for source 'local'")
+        if self.source != "local":
+            if not self.repo_id:
+                raise ValueError(f"repo_id (org/name) is required for source {self.source!r}")
+            if self.path:
+                raise ValueError(f"path is only for source 'local'; source {self.source!r} is found by repo_id")
+        return self
+
+
+class ModelPublic(_Out):
+    id: str
+    name: str
+    source: str
+    repo_id: str | None
+    path: str
+    model_type: str | None
+    parameters: int | None
+    size_bytes: int | None
+    valid: bool
+    problems: list[str]
+    created_at: datetime
+
+
+class ScanSkipped(_Out):
+    path: str
+    reason: str
+
+
+class ScanResult(_Out):
+    registered: list[ModelPublic]
+    skipped: list[ScanSkipped]
+
+
+# --- jobs -----------------------------------------------------------------------------------------------------
+
+class ArtifactRef(_Out):
+    name: str
+    version: int
+
+
+class JobPublic(_Out):
+    id: str
+    name: str
+    status: JobStatus
+    stage: str | None
+    progress: float
+    current_step: int
+    total_steps: int | None
+    current_epoch: float
+    metrics: dict[str, Any] = Field(description="The newest metric point (step, loss, learning_rate, …).")
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    model_id: str | None
+    dataset_id: str | None
+    num_gpus: int
+    executor: str = Field(description="Where the job runs: the executor that started it (local).")
+    spec: dict[str, Any] = Field(description="The job spec as it was submitted.")
+    artifact: ArtifactRef | None
+
+
+class JobsPublic(_Out):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobStatusPublic(_Out):
+    """What the live feeds send as ``status`` when it changes."""
+
+    status: JobStatus
+    stage: str | None
+    progress: float
+    current_step: int
+    total_steps: int | None
+    error: str | None
+    attempts: int
+
+
+class MetricPointPublic(_Out):
+    step: int
+    epoch: float | None
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens: int | None
+    step_seconds: float | None
+    tokens_per_second: float | None
+    gpu_memory_gb: float | None
+    validation_loss: float | None
+
+
+assert set(METRIC_FIELDS) <= set(MetricPointPublic.model_fields), "a metric measure without a field in the API"
+
+
+class CheckpointPublic(_Out):
+    step: int
+    name: str
+    size_bytes: int
+    created_at: float = Field(description="Unix seconds: the checkpoint folder's modification time.")
+
+
+class EstimatePublic(_Out):
+    examples: int
+    tokens_per_epoch: int
+    rows_per_epoch: int
+    steps: int
+    trained_tokens: int
+    parameters: int
+    lora_parameters: int
+    estimated_seconds: float
+    peak_vram_gb: float | None
+    vram_breakdown_gb: dict[str, float]
+    cost: float
+    price_per_gpu_hour: float
+    gpu_type: str
+    assumptions: str
+
+
+# --- presets --------------------------------------------------------------------------------------------------
+
+class PresetPublic(_Out):
+    name: str = Field(description="The file's name without .yaml: <model>_<method>.")
+    label: str
+    summary: str
+    command: str = Field(description="The exact command that runs the preset.")
+    fields: dict[str, Any] = Field(description="The partial job spec the preset sets.")
