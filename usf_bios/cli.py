@@ -12,6 +12,7 @@ from rich.table import Table
 
 from usf_bios.datasets.formats import FORMATS
 from usf_bios.settings import get_settings
+from usf_bios.status import JobStatus
 from usf_bios.storage import StorageLayout
 
 app = typer.Typer(help="USF BIOS: LoRA / QLoRA fine-tuning you host yourself.", no_args_is_help=True,
@@ -70,9 +71,9 @@ def train(
                          echo=not quiet and not console.is_terminal)
     except ResumeRefused as err:
         raise _fail(str(err)) from None
-    if result.status == "completed":
+    if result.status == JobStatus.COMPLETED:
         console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False)
-    elif result.status == "cancelled":
+    elif result.status == JobStatus.CANCELLED:
         console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False)
     else:
         err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
@@ -205,7 +206,7 @@ def demo(
     job_id = create_job(spec, layout)
     console.print(f"training job [bold]{job_id}[/] on {len(demo_mod.TRAIN_QUESTIONS)} examples ({steps} steps, CPU)")
     result = run_job(job_id, layout, show_progress=console.is_terminal, echo=not console.is_terminal)
-    if result.status != "completed":
+    if result.status != JobStatus.COMPLETED:
         raise _fail(f"training {result.status}: {result.error}", 1)
     question = demo_mod.HELD_OUT_QUESTION
     base_answer = answer(*load_chat_model(base), question)

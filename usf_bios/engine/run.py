@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,9 +29,9 @@ from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, make_optimizer, train
 from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
-from usf_bios.engine.plan import resolve_plan
 from usf_bios.engine.output import write_outputs
-from usf_bios.models.sources import resolve_model
+from usf_bios.engine.plan import resolve_plan
+from usf_bios.models.sources import ResolvedModel, resolve_model
 from usf_bios.models.validate import check_model_folder
 from usf_bios.settings import get_settings
 from usf_bios.spec import JobSpec
@@ -138,60 +139,90 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
             free_gpu_memory()
 
 
+@dataclass
+class Recipe:
+    """What setup builds for the training loop and the save step."""
+
+    run: TrainingRun
+    tokenizer: Any
+    model_source: ResolvedModel
+    dataset: LoadedDataset
+
+
+def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, stop: _StopFlag,
+          show_progress: bool) -> Recipe:
+    """Load the model with its speed plan, tokenize the dataset, build the optimizer and scheduler, and continue
+    from the newest checkpoint when there is one."""
+    hp, checkpoint_dir = spec.hyperparameters, layout.job_checkpoints(job_id)
+    resume_from = ckpt.latest_checkpoint(checkpoint_dir)
+    ckpt.clean_partial(checkpoint_dir)
+    events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
+    torch.manual_seed(hp.seed)
+    events.stage("loading_model")
+    placement = choose_placement(spec)
+    resolved = resolve_model(spec.base_model, layout, get_settings().supported_model_sources)
+    events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
+    config = check_model_folder(resolved.path)
+    tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
+    plan = resolve_plan(spec.performance, hp, placement)
+    model, plan, notes = build_model(load_base_model(resolved, spec, placement, config), spec, plan, placement)
+    for note in notes:
+        events.log(note)
+    events.stage("tokenizing")
+    dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
+    data = _tokenize(dataset, tokenizer, spec, events)
+    total_steps = _total_steps(spec, data)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp, plan)
+    scheduler = _scheduler(optimizer, spec, total_steps)
+    state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint())
+    if resume_from is not None:
+        state = _resume(resume_from, state, model, optimizer, scheduler, events)
+    events.log(f"{len(data.train_examples)} training / {len(data.val_examples)} validation examples, "
+               f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
+    run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
+                      should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
+    return Recipe(run, tokenizer, resolved, dataset)
+
+
+def _resume(folder: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
+            events: EventLog) -> ckpt.TrainerState:
+    """The checkpoint's state restored into the model, optimizer and scheduler; refused when the dataset or the
+    spec changed since it was saved."""
+    saved = ckpt.read_state(folder)
+    if saved.data_sha256 != state.data_sha256:
+        raise ResumeRefused(f"the dataset changed since {folder.name} was saved "
+                            f"(sha256 {saved.data_sha256[:12]}… → {state.data_sha256[:12]}…); start a new job")
+    if saved.spec_fingerprint != state.spec_fingerprint:
+        raise ResumeRefused(f"the job's spec changed since {folder.name} was saved; start a new job")
+    restored = ckpt.restore_checkpoint(folder, model, optimizer, scheduler)
+    events.log(f"resumed at step {restored.step} (epoch {restored.epoch}, micro-batch {restored.micro_batch})")
+    return restored
+
+
+def save(output_dir: Path, recipe: Recipe, spec: JobSpec, events: EventLog) -> None:
+    """The finished adapter, tokenizer, training log and model card in the job's output folder."""
+    events.stage("saving")
+    run, dataset = recipe.run, recipe.dataset
+    facts = {"dataset_format": dataset.format, "dataset_sha256": dataset.sha256,
+             "train_examples": len(run.data.train_examples), "validation_examples": len(run.data.val_examples),
+             "total_steps": run.state.total_steps, "device": str(run.placement.device),
+             "precision": run.placement.precision, "model_source": recipe.model_source.source}
+    write_outputs(output_dir, run.model, recipe.tokenizer, spec, recipe.model_source.path, events.events_path, facts)
+
+
 def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bool, echo: bool) -> JobResult:
-    hp, output_dir = spec.hyperparameters, layout.job_output(job_id)
-    checkpoint_dir = layout.job_checkpoints(job_id)
+    """setup → train → save → cleanup; a failure at any step ends the job as failed with its reason."""
+    output_dir = layout.job_output(job_id)
     events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
     stop = _StopFlag()
     stop.install()
     try:
-        settings = get_settings()
-        resume_from = ckpt.latest_checkpoint(checkpoint_dir)
-        ckpt.clean_partial(checkpoint_dir)
-        events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
-        torch.manual_seed(hp.seed)
-        events.stage("loading_model")
-        placement = choose_placement(spec)
-        resolved = resolve_model(spec.base_model, layout, settings.supported_model_sources)
-        events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
-        config = check_model_folder(resolved.path)
-        tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
-        plan = resolve_plan(spec.performance, hp, placement)
-        model, plan, notes = build_model(load_base_model(resolved, spec, placement, config), spec, plan, placement)
-        for note in notes:
-            events.log(note)
-        events.stage("tokenizing")
-        dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
-        data = _tokenize(dataset, tokenizer, spec, events)
-        total_steps = _total_steps(spec, data)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, hp, plan)
-        scheduler = _scheduler(optimizer, spec, total_steps)
-        state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint())
-        if resume_from is not None:
-            saved = ckpt.read_state(resume_from)
-            if saved.data_sha256 != dataset.sha256:
-                raise ResumeRefused(f"the dataset changed since {resume_from.name} was saved "
-                                    f"(sha256 {saved.data_sha256[:12]}… → {dataset.sha256[:12]}…); start a new job")
-            if saved.spec_fingerprint != state.spec_fingerprint:
-                raise ResumeRefused(f"the job's spec changed since {resume_from.name} was saved; start a new job")
-            state = ckpt.restore_checkpoint(resume_from, model, optimizer, scheduler)
-            events.log(f"resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro_batch})")
-        events.log(f"{len(data.train_examples)} training / {len(data.val_examples)} validation examples, "
-                   f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
-        events.stage("training", total_steps=total_steps)
-        run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
-                          should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
-        status = train(run)
-        if status == JobStatus.CANCELLED:
+        recipe = setup(job_id, spec, layout, events, stop, show_progress)
+        events.stage("training", total_steps=recipe.run.state.total_steps)
+        if train(recipe.run) == JobStatus.CANCELLED:
             events.done(JobStatus.CANCELLED)
             return JobResult(job_id, JobStatus.CANCELLED, output_dir)
-        events.stage("saving")
-        facts = {"dataset_format": dataset.format, "dataset_sha256": dataset.sha256,
-                 "train_examples": len(data.train_examples), "validation_examples": len(data.val_examples),
-                 "total_steps": total_steps, "device": str(placement.device), "precision": placement.precision,
-                 "model_source": resolved.source}
-        write_outputs(output_dir, model, tokenizer, spec, resolved.path, events.events_path, facts)
+        save(output_dir, recipe, spec, events)
         events.done(JobStatus.COMPLETED)
         return JobResult(job_id, JobStatus.COMPLETED, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
@@ -199,7 +230,7 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
         events.log(traceback.format_exc())
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
-    finally:
+    finally:  # cleanup
         events.close()
         stop.uninstall()
 
