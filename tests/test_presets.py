@@ -42,3 +42,19 @@ def test_unknown_presets_and_malformed_files_are_refused(tmp_path):
     with pytest.raises(PresetError, match="Label: summary"):
         _read(bad)
     assert next(iter(load_presets())) == DEFAULT_PRESET
+
+
+def test_a_spec_file_loads_on_top_of_a_preset_and_the_cli_refuses_an_unknown_one(tmp_path):
+    import subprocess
+    import sys
+
+    from usf_bios.spec import load_spec
+
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text("name: mine\nbase_model: m\ndataset: d\nhyperparameters: {lora_r: 4}\n")
+    spec = load_spec(spec_file, "smollm2-135m_lora-cpu")
+    assert spec.hyperparameters.lora_r == 4 and spec.hyperparameters.max_seq_length == 512
+    assert spec.gpu_config.num_gpus == 0 and spec.base_model == "m"
+    result = subprocess.run([sys.executable, "-m", "usf_bios", "train", "--preset", "nope", str(spec_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no preset 'nope'" in result.stderr
