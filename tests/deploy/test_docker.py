@@ -73,6 +73,8 @@ def test_each_image_runs_the_server_as_a_non_root_user_on_the_storage_root(stage
     user = last(stage, "USER").split(":")[0]
     assert user.isdigit() and int(user) != 0, "a numeric non-root user, so that runAsNonRoot can check it"
     assert env_of(stage)["USF_HOME"] == "/mnt/usf-storage"
+    if target == "gpu":   # CUDA numbers GPUs as NVML does, whose numbers the scheduler assigns to jobs
+        assert env_of(stage)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert last(stage, "EXPOSE") == "8000"
     assert json.loads(last(stage, "ENTRYPOINT")) == ["usf-bios"]
     assert json.loads(last(stage, "CMD")) == ["serve", "--host", "0.0.0.0"]

@@ -21,7 +21,7 @@ from usf_bios.settings import Settings
 
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-KUSTOMIZATIONS = ["base", *(f"overlays/{o}" for o in OVERLAYS), "jobs/download-models"]
+KUSTOMIZATIONS = ["base", *(f"overlays/{o}" for o in OVERLAYS), "jobs/download-models", "examples/my-cluster"]
 MOUNT = "/mnt/usf-storage"
 SERVER_LABELS = {"app.kubernetes.io/name": "usf-bios", "app.kubernetes.io/component": "server"}
 
@@ -29,12 +29,10 @@ SERVER_LABELS = {"app.kubernetes.io/name": "usf-bios", "app.kubernetes.io/compon
 PROCESS_VARIABLES = {
     # The root file system is read-only; Python libraries (Triton's kernel cache, torch, pip) write under ~.
     "HOME": "a writable home on the /tmp emptyDir",
-    # The scheduler numbers GPUs as NVML does (PCI bus order) and hands each job CUDA_VISIBLE_DEVICES by those
-    # numbers; CUDA numbers them fastest first unless told otherwise. This makes both orders the same.
-    "CUDA_DEVICE_ORDER": "CUDA numbers GPUs in NVML's order",
 }
-# Not in the ConfigMap on purpose: the executor overwrites it for every job (usf_bios/control/executors/local.py),
-# and the pod's GPUs are the ones its nvidia.com/gpu limit allocates.
+# Not in the ConfigMap on purpose: the executor sets it for every job (usf_bios/control/executors/local.py) from
+# the GPUs NVML shows the pod, which are the ones its nvidia.com/gpu limit allocates. (CUDA_DEVICE_ORDER, which
+# makes CUDA number GPUs as NVML does, is set in the gpu image.)
 NOT_IN_CONFIGMAP = {"CUDA_VISIBLE_DEVICES"}
 
 
@@ -107,6 +105,14 @@ def test_the_validation_rejects_broken_manifests(rendered):
     for broken, reason in ((unknown_field, "imagePullPolicyy"), (wrong_type, "replicas"), (unknown_api, "schema")):
         with pytest.raises(ManifestError, match=reason):
             validate(broken)
+
+
+def test_the_example_operator_overlay_renames_the_image_and_the_host(rendered):
+    resources = rendered["examples/my-cluster"]
+    assert container(resources)["image"] == f"myregistry.azurecr.io/usf-bios:{VERSION}-gpu"
+    ingress = one(resources, "Ingress")["spec"]
+    assert ingress["rules"][0]["host"] == ingress["tls"][0]["hosts"][0] == "usf.example.org"
+    assert container(resources)["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_kustomize_errors_are_reported(tmp_path: Path):
