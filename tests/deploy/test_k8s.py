@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.server import running_server
 from tests.deploy.tools import K8S, ROOT, ManifestError, by_kind, kustomize, one, tool, validate
@@ -124,8 +125,6 @@ def test_kustomize_errors_are_reported(tmp_path: Path):
 def test_the_secret_templates_are_valid_and_hold_only_placeholders():
     templates = sorted((K8S / "secrets").glob("*.example.yaml"))
     assert {t.name for t in templates} == {"database.example.yaml", "hf-token.example.yaml"}
-    import yaml
-
     for template in templates:
         secret = yaml.safe_load(template.read_text())
         validate(secret)
