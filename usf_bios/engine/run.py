@@ -28,6 +28,7 @@ from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, train
 from usf_bios.engine.model import choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.speed import build_model, make_optimizer, prefer_expandable_segments, resolve_plan
+from usf_bios.engine.threads import use_cpu_share
 from usf_bios.engine.output import write_outputs
 from usf_bios.models.sources import resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -147,6 +148,7 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
         resume_from = ckpt.latest_checkpoint(checkpoint_dir)
         ckpt.clean_partial(checkpoint_dir)
         events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
+        use_cpu_share(spec, settings, events.log)  # a CPU job computes with its share of the cores
         torch.manual_seed(hp.seed)
         events.stage("loading_model")
         placement = choose_placement(spec)
