@@ -71,7 +71,9 @@ def _out_of_space(err: BaseException) -> bool:
     """Whether a failed write ran out of disk: an OSError ENOSPC/EDQUOT anywhere in the chain (torch wraps it in
     '[enforce fail at inline_container.cc] unexpected pos', safetensors in its own error naming os error 28)."""
     seen: BaseException | None = err
-    while seen is not None:
+    for _ in range(16):  # a chain is short; the bound guards against a cycle
+        if seen is None:
+            break
         if isinstance(seen, OSError) and seen.errno in _SPACE_ERRNOS:
             return True
         if any(text in str(seen) for text in _SPACE_MESSAGES):
