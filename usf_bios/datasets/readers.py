@@ -114,14 +114,17 @@ def _too_deep_at(text: str, limit: int) -> int:
 
 
 def _deeper_than(value: object, limit: int) -> bool:
-    """Whether a parsed JSON value nests arrays/objects more than ``limit`` levels (iterative: never recurses)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
+    """Whether a parsed JSON value nests arrays/objects more than ``limit`` levels (level by level: never recurses)."""
+    level, depth = [value], 1
+    while level:
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))  # type: ignore[union-attr]
+        below = []
+        for item in level:
+            for child in (item.values() if isinstance(item, dict) else item):  # type: ignore[union-attr]
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        level, depth = below, depth + 1
     return False
 
 
@@ -143,7 +146,9 @@ def _parse_json(path: Path, text: str, line: int | None, what: str = "JSON") -> 
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise DatasetError(path, f"malformed {what}: {exc}", line) from None
     else:
-        too_deep = isinstance(value, (dict, list)) and _deeper_than(value, MAX_JSON_DEPTH)
+        # each level opens a bracket, so text with few of them cannot be too deep (the usual record: no walk)
+        too_deep = (text.count("[") + text.count("{") > MAX_JSON_DEPTH and isinstance(value, (dict, list))
+                    and _deeper_than(value, MAX_JSON_DEPTH))
     if too_deep:
         if line is None:
             at = _too_deep_at(text, MAX_JSON_DEPTH)
