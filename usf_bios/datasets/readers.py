@@ -10,8 +10,8 @@
 All files must be UTF-8; a leading BOM is skipped. JSONL and CSV stream.
 
 Limits, each refused with a DatasetError naming the file and line: JSON nested more than
-``MAX_JSON_DEPTH`` levels (a record, its arrays and objects; a JSON file's top-level array counts as
-one), a CSV header of more than ``MAX_CSV_COLUMNS`` columns, a CSV cell of more than
+``MAX_JSON_DEPTH`` levels (a record, its arrays and objects; a JSON file's top-level array and a
+``{"data": ...}`` around it count as one each), a CSV header of more than ``MAX_CSV_COLUMNS`` columns, a CSV cell of more than
 ``MAX_CSV_CELL_CHARS`` characters.
 """
 
