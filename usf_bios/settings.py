@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         "local", validation_alias="USF_EXECUTOR",
         description="Where jobs run unless their gpu_config.executor names one: local (a process on this host).")
     max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
+    cpu_threads_per_job: int | None = Field(
+        None, ge=1, le=4096, validation_alias="USF_CPU_THREADS_PER_JOB",
+        description="PyTorch threads of each CPU job; unset: the job's share of the cores, cores // USF_MAX_CPU_JOBS "
+                    "(PyTorch's default when one CPU job runs at a time or OMP_NUM_THREADS is set).")
     max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
                               description="Starts of a job whose process was lost, before it fails.")
     cancel_grace_s: float = Field(30.0, ge=0, validation_alias="USF_CANCEL_GRACE_S",

@@ -1,13 +1,18 @@
 """The job spec: the one contract read by the CLI (YAML), REST and the GPU worker (JSON).
 
 Unknown keys and out-of-range values are refused with the field's path, for example
-``hyperparameters.lora_r: must be ≥ 1``.
+``hyperparameters.lora_r: must be ≥ 1``. Types are strict: a boolean is not a number (``max_steps: true`` is
+refused, not taken as 1), a string is not a number, an integer field takes no fraction; a float field takes
+an integer (``learning_rate: 1``). Every float is finite and every number has an upper bound, so no value
+overflows what stores or computes it. YAML is read with YAML 1.2's floats: ``2e-4`` is a number (PyYAML's
+YAML 1.1 would read it as a string).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +28,7 @@ DatasetFormatName = Literal[("auto", *FORMATS)]  # type: ignore[valid-type]  # t
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class Hyperparameters(_Strict):
@@ -46,13 +51,13 @@ class Hyperparameters(_Strict):
     packing: bool = Field(True, description="Pack several examples into one row; they never attend to each other.")
     train_on_inputs: bool = Field(False, description="Also train on system and user tokens, not only assistant tokens.")
     val_split: float = Field(0.05, ge=0, le=0.5, description="Fraction of examples held out for validation.")
-    eval_steps: int = Field(50, ge=1, description="Evaluate on the validation split every N optimizer steps.")
-    save_steps: int = Field(100, ge=1, description="Write a checkpoint every N optimizer steps.")
+    eval_steps: int = Field(50, ge=1, le=10_000_000, description="Evaluate on the validation split every N optimizer steps.")
+    save_steps: int = Field(100, ge=1, le=10_000_000, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     precision: Precision = Field("auto", description="auto = bf16 where the GPU supports it, else fp32.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, validation split, LoRA init and dropout.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1_000_000, description="Gradient clipping threshold.")
 
     @field_validator("target_modules")
     @classmethod
@@ -139,9 +144,30 @@ class SpecError(ValueError):
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def _got(value: Any) -> str:
+    """' (got true)': what was given, as JSON, shortened."""
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = type(value).__name__
+    return f" (got {shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+_TYPE_REASONS = {"int_type": "must be an integer", "float_type": "must be a number", "bool_type": "must be true or false",
+                 "string_type": "must be a string", "list_type": "must be a list",
+                 "model_type": "must be a mapping of fields", "dict_type": "must be a mapping of fields"}
+
+
 def _reason(error: dict[str, Any]) -> str:
     ctx = error.get("ctx") or {}
     kind = error["type"]
+    if kind in _TYPE_REASONS:
+        given = error.get("input")
+        if kind == "float_type" and isinstance(given, int) and not isinstance(given, bool):
+            return "must be a finite number (too large)"
+        return _TYPE_REASONS[kind] + ("" if kind in ("model_type", "dict_type") else _got(given))
+    if kind == "finite_number":
+        return "must be a finite number" + _got(error.get("input"))
     if kind == "greater_than_equal":
         return f"must be ≥ {ctx['ge']}"
     if kind == "greater_than":
@@ -194,6 +220,14 @@ def parse_spec(data: object, source: str | None = None) -> JobSpec:
         raise SpecError(format_validation_error(err), source) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``2e-4`` and ``1E5`` are numbers, not strings."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_spec(path: str | Path, preset: str | None = None) -> JobSpec:
     """Read a spec from a YAML or JSON file; with ``preset`` (a file of usf_bios/presets) its fields are the
     defaults and the file's own fields win."""
@@ -203,7 +237,7 @@ def load_spec(path: str | Path, preset: str | None = None) -> JobSpec:
     except FileNotFoundError:
         raise SpecError(["file not found"], str(path)) from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (safe)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise SpecError([f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"], str(path)) from None
     if preset is not None and isinstance(data, dict):

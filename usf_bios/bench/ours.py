@@ -33,7 +33,7 @@ def bench_spec(cfg: BenchConfig, *, max_steps: int, accumulation: int, max_seq_l
                        "gradient_accumulation_steps": accumulation, "max_seq_length": max_seq_length,
                        "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0,
                        "quantization": cfg.quantization, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-                       "packing": True, "val_split": 0.0, "eval_steps": 10**9, "save_steps": 10**9,
+                       "packing": True, "val_split": 0.0, "eval_steps": 10_000_000, "save_steps": 10_000_000,
                        "precision": cfg.precision, "gradient_checkpointing": True, "seed": cfg.seed})
 
 

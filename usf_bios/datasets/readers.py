@@ -8,19 +8,27 @@
   text and is parsed; an empty cell there leaves the field out.
 
 All files must be UTF-8; a leading BOM is skipped. JSONL and CSV stream.
+
+Limits, each refused with a DatasetError naming the file and line: JSON nested more than
+``MAX_JSON_DEPTH`` levels (a record, its arrays and objects; a JSON file's top-level array and a
+``{"data": ...}`` around it count as one each), a CSV header of more than ``MAX_CSV_COLUMNS`` columns, a CSV cell of more than
+``MAX_CSV_CELL_CHARS`` characters.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from usf_bios.datasets.formats import DatasetError, json_type
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv")
+MAX_JSON_DEPTH = 100            # a chat record needs 3 levels (record, messages, turn); tool calls a few more
+MAX_CSV_COLUMNS = 1024
+MAX_CSV_CELL_CHARS = 64 << 20   # long training texts exceed csv's 128 KiB default; an unclosed quote stops here
 
 _BOM = b"\xef\xbb\xbf"
 _CHAT_COLUMNS = ("messages", "conversations")
@@ -85,14 +93,75 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise _utf8_error(path, raw, exc.start, number) from None
 
 
+_JSON_NESTING_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep_at(text: str, limit: int) -> int:
+    """The offset in ``text`` of the first bracket that opens level ``limit + 1`` (strings skipped), else -1.
+
+    Called only on text that json parsed at least that far, so every string before that point is closed.
+    """
+    depth = 0
+    for token in _JSON_NESTING_TOKEN.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return token.start()
+        elif char in "]}":
+            depth -= 1
+    return -1
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a parsed JSON value nests arrays/objects more than ``limit`` levels (level by level: never recurses)."""
+    level, depth = [value], 1
+    while level:
+        if depth > limit:
+            return True
+        below = []
+        for item in level:
+            for child in (item.values() if isinstance(item, dict) else item):  # type: ignore[union-attr]
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        level, depth = below, depth + 1
+    return False
+
+
+def _parse_json(path: Path, text: str, line: int | None, what: str = "JSON") -> object:
+    """``json.loads`` that raises only DatasetError, at ``line`` (or, when None, the line of the fault in ``text``).
+
+    Nesting deeper than MAX_JSON_DEPTH is refused here, so no later code (conversion, messages, the server's
+    JSON answers) ever recurses on it; deeper than the interpreter's stack would raise RecursionError inside
+    ``json.loads`` itself, which is caught and given the same reason.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(path, f"malformed {what}: {exc.msg} (column {exc.colno})",
+                           exc.lineno if line is None else line) from None
+    except RecursionError:
+        value = None
+        too_deep = True
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DatasetError(path, f"malformed {what}: {exc}", line) from None
+    else:
+        # each level opens a bracket, so text with few of them cannot be too deep (the usual record: no walk)
+        too_deep = (text.count("[") + text.count("{") > MAX_JSON_DEPTH and isinstance(value, (dict, list))
+                    and _deeper_than(value, MAX_JSON_DEPTH))
+    if too_deep:
+        if line is None:
+            at = _too_deep_at(text, MAX_JSON_DEPTH)
+            line = text.count("\n", 0, at) + 1 if at >= 0 else None
+        raise DatasetError(path, f"nested too deeply (more than {MAX_JSON_DEPTH} levels)", line)
+    return value
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     for number, text in _text_lines(path):
         if not text.strip():
             continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(path, f"malformed JSON: {exc.msg} (column {exc.colno})", number) from None
+        value = _parse_json(path, text, number)
         if not isinstance(value, dict):
             raise DatasetError(path, f"expected a JSON object, got {json_type(value)}", number)
         yield number, value
@@ -113,10 +182,7 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
         raise _utf8_error(path, data[start:], exc.start - start, line) from None
     if not text.strip():
         return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(path, f"malformed JSON: {exc.msg} (column {exc.colno})", exc.lineno) from None
+    value = _parse_json(path, text, None)
     if isinstance(value, dict) and list(value) == ["data"]:
         value = value["data"]
     if not isinstance(value, list):
@@ -130,11 +196,14 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _check_header(path: Path, header: list[str], line: int) -> None:
-    named = [name for name in header if name]
-    for name in named:
-        if named.count(name) > 1:
+    if len(header) > MAX_CSV_COLUMNS:
+        raise DatasetError(path, f"the header has {len(header)} columns; at most {MAX_CSV_COLUMNS}", line)
+    columns: set[str] = set()
+    for name in header:
+        if name in columns:
             raise DatasetError(path, f"duplicate column '{name}' in the CSV header", line)
-    columns = set(named)
+        if name:
+            columns.add(name)
     if columns & set(_CHAT_COLUMNS) or any(columns >= set(need) for need in _FLAT_COLUMNS):
         return
     raise DatasetError(path, f"CSV has columns [{', '.join(header)}]; {_CSV_HINT}", line)
@@ -148,17 +217,12 @@ def _csv_record(path: Path, header: list[str], row: list[str], line: int) -> dic
         cell = record.pop(column)
         if not cell.strip():
             continue
-        try:
-            record[column] = json.loads(cell)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(
-                path, f"malformed JSON in column '{column}': {exc.msg} (column {exc.colno})", line
-            ) from None
+        record[column] = _parse_json(path, cell, line, what=f"JSON in column '{column}'")
     return record
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long training texts exceed the 128 KiB default
+    csv.field_size_limit(MAX_CSV_CELL_CHARS)  # process-wide; nothing else in the package reads CSV
     reader = csv.reader(text for _, text in _text_lines(path))
     header: list[str] | None = None
     previous = 0
@@ -177,4 +241,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
                 )
             yield start, _csv_record(path, header, row, start)
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):  # named at the line its row starts on
+            reason = f"a cell is longer than {MAX_CSV_CELL_CHARS:,} characters (an unclosed quote?)"
+            raise DatasetError(path, reason, previous + 1) from None
         raise DatasetError(path, f"malformed CSV: {exc}", reader.line_num) from None

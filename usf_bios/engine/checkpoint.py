@@ -2,10 +2,16 @@
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a kill during
 a save leaves the previous checkpoint whole; ``trainer_state.json`` is written last.
+
+Before each save the free space on the checkpoint folder's disk is checked against what the checkpoint
+needs (the size of the newest checkpoint, or for the first one the adapter and optimizer tensors); too
+little raises CheckpointSpaceError before a byte is written. A write that fails anyway (the disk filled
+meanwhile) removes the partial folder at once and raises the same error; older checkpoints stay.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -21,6 +27,67 @@ if TYPE_CHECKING:  # torch loads only where checkpoints are written or read, not
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+HEADROOM_BYTES = 1 << 20        # left free beyond the estimate (+5%): logs and metadata still need a little
+_SMALL_FILES_BYTES = 64 << 10   # scheduler and RNG states, JSON files: an allowance in the first estimate
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SPACE_MESSAGES = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+class CheckpointSpaceError(RuntimeError):
+    """Not enough free disk for a checkpoint: found before writing, or when a write failed for lack of space."""
+
+    def __init__(self, message: str, *, step: int, needed: int, free: int, folder: Path):
+        super().__init__(message)
+        self.step, self.needed, self.free, self.folder = step, needed, free, folder
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes this process may still write on ``folder``'s filesystem (tests replace it to simulate a disk that
+    fills between the check and the write)."""
+    return shutil.disk_usage(folder).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 10e6 else f"{n / 1e6:,.0f} MB"
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bytes_needed(folder: Path, model: Any, optimizer: Any) -> int:
+    """What the next checkpoint will take: the newest one's size, else the trainable tensors and Adam's state."""
+    newest = latest_checkpoint(folder)
+    if newest is not None:
+        return _folder_bytes(newest)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                  if hasattr(t, "numel"))
+    return weights + (moments or 2 * weights) + _SMALL_FILES_BYTES
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether a failed write ran out of disk: an OSError ENOSPC/EDQUOT anywhere in the chain (torch wraps it in
+    '[enforce fail at inline_container.cc] unexpected pos', safetensors in its own error naming os error 28)."""
+    seen: BaseException | None = err
+    for _ in range(16):  # a chain is short; the bound guards against a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRNOS:
+            return True
+        if any(text in str(seen) for text in _SPACE_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _save_tensor_file(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a failed write keeps its OSError (as the RuntimeError's context)."""
+    import torch
+
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
 
 
 @dataclass
@@ -65,22 +132,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainerState, keep: int) -> Path:
-    """Write ``folder/checkpoint-{step}`` atomically and prune to the newest ``keep``."""
-    import torch
+    """Write ``folder/checkpoint-{step}`` atomically and prune to the newest ``keep``.
 
+    Raises CheckpointSpaceError, with nothing of this checkpoint left on disk, when the disk lacks the room.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"checkpoint-{state.step}"
     tmp = folder / f".checkpoint-{state.step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (peft writes only the adapter)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    for file in tmp.iterdir():
-        with file.open("rb") as handle:
-            os.fsync(handle.fileno())
+    needed, free = checkpoint_bytes_needed(folder, model, optimizer), free_bytes(folder)
+    if free < needed + needed // 20 + HEADROOM_BYTES:
+        raise CheckpointSpaceError(f"no space left on device: checkpoint {state.step} needs ~{_mb(needed)}, "
+                                   f"{_mb(free)} free on {folder}", step=state.step, needed=needed, free=free,
+                                   folder=folder)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (peft writes only the adapter)
+        _save_tensor_file(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_tensor_file(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_tensor_file(_rng_state(), tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        for file in tmp.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException as err:  # nothing partial stays behind, whatever stopped the write
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception) or not _out_of_space(err):
+            raise
+        free = free_bytes(folder)
+        previous = latest_checkpoint(folder)
+        raise CheckpointSpaceError(
+            f"no space left on device while writing checkpoint {state.step}: it needs ~{_mb(needed)}, "
+            f"{_mb(free)} free on {folder} once the partial checkpoint was removed"
+            + (f"; {previous.name} is kept" if previous else ""),
+            step=state.step, needed=needed, free=free, folder=folder) from err
     if final.exists():  # a step redone after a resume: the new one replaces it
         trash = folder / f".checkpoint-{state.step}.old"
         shutil.rmtree(trash, ignore_errors=True)

@@ -31,6 +31,7 @@ from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.engine.plan import resolve_plan
+from usf_bios.engine.threads import use_cpu_share
 from usf_bios.models.sources import ResolvedModel, resolve_model
 from usf_bios.models.validate import check_model_folder
 from usf_bios.settings import get_settings
@@ -157,6 +158,7 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     ckpt.clean_partial(checkpoint_dir)
     events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
+    use_cpu_share(spec, get_settings(), events.log)  # a CPU job computes with its share of the cores
     torch.manual_seed(hp.seed)
     events.stage("loading_model")
     placement = choose_placement(spec)

@@ -1,0 +1,27 @@
+"""A bounded fuzz run of the dataset parsers (scripts/fuzz_datasets.py, atheris): nothing but DatasetError."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("atheris", reason="atheris is in the test extra (Linux, CPython wheels)")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_datasets.py"
+
+
+def test_fifteen_seconds_of_fuzzing_finds_no_exception_but_dataset_error(tmp_path):
+    corpus = tmp_path / "corpus"
+    done = subprocess.run([sys.executable, str(SCRIPT), "-max_total_time=15", "-rss_limit_mb=1024",
+                           f"-artifact_prefix={tmp_path}/", str(corpus)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert not list(tmp_path.glob("crash-*")) and "Uncaught Python exception" not in output
+    runs = int(re.search(r"Done (\d+) runs in", output).group(1))
+    assert runs >= 1000, output[-2000:]            # it really ran
+    assert len(list(corpus.iterdir())) > 10        # seeded, and grew
