@@ -13,10 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.conftest import chat_rows, event_dicts, write_jsonl
 from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine.checkpoint import HEADROOM_BYTES, list_checkpoints, read_state
-from usf_bios.engine.events import read_events
 from usf_bios.engine.jobdir import create_job
 from usf_bios.engine.run import run_job
 from usf_bios.settings import get_settings
@@ -91,14 +90,14 @@ def test_a_save_that_would_not_fit_is_refused_before_writing_and_the_job_resumes
     folder = on_disk.job_checkpoints(job)
     assert result.error.startswith(f"no space left on device: checkpoint 6 needs ~{size / 1e6:.1f} MB, ")
     assert result.error.endswith(f" MB free on {folder}")
-    assert read_events(on_disk.job_events(job))[-1]["error"] == result.error
+    assert event_dicts(on_disk.job_events(job))[-1]["error"] == result.error
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no .tmp
     assert_whole(folder / "checkpoint-4", 4)
 
     subprocess.run(["mount", "-o", f"remount,size={8 * size + HEADROOM_BYTES}", str(disk)], check=True)
     resumed = run_job(job, on_disk)
     assert resumed.status == "completed", resumed.error
-    metrics = [e["step"] for e in read_events(on_disk.job_events(job)) if e["type"] == "metric"]
+    metrics = [e["step"] for e in event_dicts(on_disk.job_events(job)) if e["type"] == "metric"]
     assert metrics[-4:] == [5, 6, 7, 8]  # continued from checkpoint-4
 
 
