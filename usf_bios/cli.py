@@ -107,7 +107,9 @@ def serve(
     if application.state.auth_required:
         why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
         console.print(f"API keys required ({why}); create one with `usf-bios keys create --name NAME --admin`")
-    uvicorn.run(application, host=host, port=port or settings.port, log_level="info")
+    # open event streams never end by themselves: give them SHUTDOWN_GRACE_S on SIGTERM, then close them
+    uvicorn.run(application, host=host, port=port or settings.port, log_level="info",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 @keys_app.command("create")
@@ -127,6 +129,9 @@ def create_key_cmd(
     database.engine.dispose()
     console.print(f"key {row.id} ({'admin' if admin else 'user'}) for {name}:")
     print(plaintext)
+
+
+SHUTDOWN_GRACE_S = 5
 
 
 DEFAULT_BENCH = ["llama3.1-8b-lora-bf16-4096", "qwen2.5-7b-lora-bf16-4096", "llama3.1-8b-qlora-nf4-4096"]

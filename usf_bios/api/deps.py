@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, WebSocket, status
@@ -13,9 +13,18 @@ from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.db.sessions() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the route function (``SessionDep``). Async on purpose: its cleanup (which hands the connection
+    back to the pool) runs on the event loop and never needs a worker thread; a sync generator's cleanup waited for
+    a thread of the pool the routes run in, and with every thread waiting for a connection none came back (under ~50
+    concurrent requests the server stopped answering for good). It ends when the route function returns, before
+    the answer is sent (so an event stream holds no connection), and at most ``SESSIONS_AT_ONCE`` requests hold one:
+    the rest wait on the event loop, without a thread, and never for a connection."""
+    session = request.app.state.db.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 def _bearer(header: str | None) -> str | None:
@@ -37,7 +46,8 @@ def caller_for(key: str | None, session: Session, auth_required: bool) -> Caller
     return caller
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SESSIONS_AT_ONCE = 30   # below the pool's connections (control/db.py POOL), beside the scheduler and token workers
+SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=SESSIONS_AT_ONCE)]
 
 
 def get_caller(request: Request, session: SessionDep) -> Caller:

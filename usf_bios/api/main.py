@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from usf_bios import __version__
 from usf_bios.api.guard import RequestGuard, is_loopback_name
@@ -74,6 +75,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     @app.exception_handler(DomainError)
     async def _domain(_request: Request, exc: DomainError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    async def _busy(_request: Request, _exc: SQLAlchemyTimeoutError) -> JSONResponse:
+        return JSONResponse({"detail": "the server is busy (no database connection was free); try again shortly"},
+                            status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(DatasetError)
     async def _dataset(_request: Request, exc: DatasetError) -> JSONResponse:

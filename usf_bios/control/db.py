@@ -10,6 +10,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Connections: more than the threads that can ask at once (AnyIO's 40 request threads, the scheduler, the token-length
+# workers), so a request never waits for one; past that a request waits POOL_TIMEOUT_S and is answered 503.
+POOL = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 10}
 
 
 def make_engine(url: str) -> Engine:
@@ -18,7 +21,7 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -31,7 +34,7 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 def migrate(url: str) -> None:

@@ -67,8 +67,10 @@ def get_job(*, session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def job_public(session: Session, job: Job) -> JobPublic:
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+def job_public(session: Session, job: Job, artifact: Artifact | None = None) -> JobPublic:
+    """The job as the API shows it; ``artifact`` when the caller has looked it up already."""
+    if artifact is None and job.status == JobStatus.COMPLETED.value:
+        artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
     return JobPublic.model_validate({
         **{name: getattr(job, name) for name in JobPublic.model_fields if name not in ("spec", "artifact", "metrics")},
         "metrics": job.metrics or {}, "spec": job.request,
@@ -84,7 +86,10 @@ def find_jobs(*, session: Session, caller: Caller, statuses: Iterable[JobStatus]
         query = query.where(Job.status.in_([s.value for s in statuses]))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
-    return JobsPublic(items=[job_public(session, j) for j in jobs], total=total, limit=limit, offset=offset)
+    done = [j.id for j in jobs if j.status == JobStatus.COMPLETED.value]
+    artifacts = {a.job_id: a for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(done)))} if done else {}
+    return JobsPublic(items=[job_public(session, j, artifacts.get(j.id)) for j in jobs], total=total, limit=limit,
+                      offset=offset)
 
 
 def job_status(job: Job) -> JobStatusPublic:

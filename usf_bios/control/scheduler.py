@@ -48,7 +48,7 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
         if self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)   # a tick is short; SIGTERM must stop the server in seconds
 
     def wake(self) -> None:
         """Look again now (a job was queued or cancelled)."""
