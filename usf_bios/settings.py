@@ -40,6 +40,8 @@ class Settings(BaseSettings):
         (), validation_alias="USF_ALLOWED_HOSTS",
         description="Extra Host names (comma-separated) a server without API keys answers to, besides loopback "
                     "names and USF_HOST; e.g. the name a local reverse proxy passes on.")
+    max_json_kb: int = Field(1024, ge=1, le=1_048_576, validation_alias="USF_MAX_JSON_KB",
+                             description="Largest JSON request body (413 past it, before it is read whole).")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
     executor: Literal["local"] = Field(
         "local", validation_alias="USF_EXECUTOR",

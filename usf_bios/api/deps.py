@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 from sqlalchemy.orm import Session
 
+from usf_bios.api.bodies import bearer
 from usf_bios.control.keys import LOCAL_USER, Caller, caller_for_key
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
@@ -27,13 +28,6 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         session.close()
 
 
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def caller_for(key: str | None, session: Session, auth_required: bool) -> Caller:
     if key is None:
         if auth_required:
@@ -51,12 +45,15 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concu
 
 
 def get_caller(request: Request, session: SessionDep) -> Caller:
-    return caller_for(_bearer(request.headers.get("authorization")), session, request.app.state.auth_required)
+    known = getattr(request.state, "caller", None)   # already checked before the body was read (api/bodies.py)
+    if known is not None:
+        return known
+    return caller_for(bearer(request.headers.get("authorization")), session, request.app.state.auth_required)
 
 
 def get_ws_caller(websocket: WebSocket, session: Session) -> Caller:
     """WebSockets: the key comes as a Bearer header or, from browsers, as ?token=."""
-    key = _bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    key = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     return caller_for(key, session, websocket.app.state.auth_required)
 
 

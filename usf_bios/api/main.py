@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from usf_bios import __version__
+from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
 from usf_bios.control.db import Database, migrate
@@ -44,6 +45,22 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=code)
 
 
+def _authenticator(app: FastAPI) -> Any:
+    """The caller of a presented key, looked up in a worker thread (api/bodies.py calls it before reading a body)."""
+    from fastapi.concurrency import run_in_threadpool
+
+    from usf_bios.control.keys import caller_for_key
+
+    def lookup(key: str) -> Any:
+        with app.state.db.session() as session:
+            return caller_for_key(session, key)
+
+    async def authenticate(key: str | None) -> Any:
+        return None if key is None else await run_in_threadpool(lookup, key)
+
+    return authenticate
+
+
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
     """The app for these settings; ``host`` decides whether API keys are required."""
     from usf_bios.control.scheduler import Scheduler
@@ -52,6 +69,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")
+        app.state.feeds = {}   # job id → the one live feed its event streams share (api/feeds.py)
         app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings)
         if start_scheduler:
             app.state.scheduler.start()
@@ -87,7 +105,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     # DNS rebinding (Host) when no API key protects the server; cross-site writes (Origin) always
     allowed_hosts = None if app.state.auth_required else {host, settings.host, *settings.allowed_hosts}
-    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
+    app.add_middleware(BodyGuard, max_json_bytes=settings.max_json_kb * 1024,
+                       authenticate=_authenticator(app) if app.state.auth_required else None)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)   # added last: runs first
 
     for module in (system, keys, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")

@@ -121,15 +121,21 @@ def iter_events(path: Path, offset: int = 0) -> Iterator[tuple[int, Event]]:
             yield end, event
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
-    """The events of the complete lines after byte ``offset``, and the offset to read from next time (an unfinished
-    last line is left for then; a garbled line is skipped)."""
-    events: list[Event] = []
+def read_events_at(path: Path, offset: int = 0) -> tuple[list[tuple[int, Event]], int]:
+    """(end offset, event) for the complete lines after byte ``offset``, and the offset to read from next time (an
+    unfinished last line is left for then; a garbled line is skipped)."""
+    events: list[tuple[int, Event]] = []
     for offset, raw in _complete_lines(path, offset):
         event = parse_event(raw)
         if event is not None:
-            events.append(event)
+            events.append((offset, event))
     return events, offset
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
+    """The events of the complete lines after byte ``offset``, and the offset to read from next time."""
+    events, offset = read_events_at(path, offset)
+    return [event for _, event in events], offset
 
 
 def _open_append(path: Path) -> TextIO:

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Union
 
 from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from usf_bios.api.deps import CurrentCaller, LayoutDep, SessionDep, SettingsDep, get_ws_caller
+from usf_bios.api.feeds import follow_job
 from usf_bios.api.tarstream import tar_stream
 from usf_bios.control import jobs
 from usf_bios.control.errors import DomainError, NotFound
 from usf_bios.control.lifecycle import JobStatus
-from usf_bios.control.schemas import (CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, JobStatusPublic,
-                                      MetricPointPublic)
+from usf_bios.control.schemas import CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, MetricPointPublic
 from usf_bios.control.tables import Job
 from usf_bios.control.token_lengths import token_lengths_future
-from usf_bios.engine.events import Event, iter_events
 from usf_bios.spec import JobSpec
 
 router = APIRouter(tags=["jobs"])
@@ -105,52 +103,26 @@ def download(job_id: str, caller: CurrentCaller, session: SessionDep, layout: La
 
 
 # -- live events ---------------------------------------------------------------------------------------
-FeedItem = tuple[Union[int, str], Union[Event, JobStatusPublic]]
-
-
-async def _event_feed(app: Any, job_id: str, since: int) -> AsyncIterator[FeedItem]:
-    """Yield (end offset, event) from the job's events file after byte ``since``, then ('status', status) changes,
-    until the job is final and every event has been sent. The offsets are stable ids for reconnecting."""
-    path, offset, last_status = app.state.layout.job_events(job_id), max(since, 0), None
-    while True:
-        new = await run_in_threadpool(lambda: list(iter_events(path, offset)))
-        for offset, event in new:
-            yield offset, event
-        row = await run_in_threadpool(_status_row, app, job_id)
-        if row != last_status:
-            last_status = row
-            if row is not None:
-                yield "status", row
-        if row is None or row.status.is_terminal:
-            return
-        await asyncio.sleep(0.25)
-
-
-def _status_row(app: Any, job_id: str) -> JobStatusPublic | None:
-    with app.state.db.session() as session:
-        job = session.get(Job, job_id)
-        return None if job is None else jobs.job_status(job)
-
-
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}})
-async def events(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep,
-                 since: int = Query(-1, ge=-1, description="Last event id already seen (or send Last-Event-ID).")
-                 ) -> StreamingResponse:
+def events(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep,
+           since: int = Query(-1, ge=-1, le=2**62, description="Last event id already seen (or send Last-Event-ID).")
+           ) -> StreamingResponse:
     """Server-Sent Events: every event of the job so far, then new ones as they come. Each engine event carries
     as `id` the byte offset in the events file where the next one starts; reconnecting with Last-Event-ID (or
-    `?since=`) resumes after it."""
-    job = await run_in_threadpool(lambda: jobs.get_job(session=session, caller=caller, job_id=job_id))
+    `?since=`) resumes after it. A comment line (`: keep-alive`) comes after 15 s without news. The stream holds no
+    database connection: every stream of one job shares one poller (api/feeds.py)."""
+    job = jobs.get_job(session=session, caller=caller, job_id=job_id)
     header = request.headers.get("last-event-id")
-    start = int(header) if header and header.isdigit() else since
+    start = int(header) if header and header.isdigit() and len(header) < 19 else since
 
     async def stream() -> AsyncIterator[str]:
         yield "retry: 1000\n\n"
-        async for key, event in _event_feed(request.app, job.id, start):
-            if await request.is_disconnected():
-                return
-            if key == "status":
-                yield f"event: status\ndata: {event.model_dump_json()}\n\n"
+        async for key, event in follow_job(request.app, job.id, start):
+            if key == "keepalive":
+                yield ": keep-alive\n\n"
+            elif key == "status":
+                yield f"event: status\ndata: {event.model_dump_json()}\n\n"  # type: ignore[union-attr]
             else:
                 yield f"id: {key}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"  # type: ignore[union-attr]
 
@@ -174,10 +146,11 @@ async def websocket(websocket: WebSocket, job_id: str, since: int = -1) -> None:
         return
     await websocket.accept()
     try:
-        async for key, event in _event_feed(websocket.app, job.id, since):
-            data = event.model_dump(mode="json")
-            message = {"type": "status", **data} if key == "status" else {"id": key, **data}
-            await websocket.send_json(message)
+        async for key, event in follow_job(websocket.app, job.id, since):
+            if key == "keepalive":
+                continue
+            data = event.model_dump(mode="json")  # type: ignore[union-attr]
+            await websocket.send_json({"type": "status", **data} if key == "status" else {"id": key, **data})
         await websocket.close()
     except WebSocketDisconnect:
         return
