@@ -31,7 +31,7 @@ def bench_like_estimate(tmp_path: Path, config: str, **performance) -> tuple[dic
                                     "num_epochs": 1, "val_split": 0.0, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
                                     "lora_dropout": 0.0, "quantization": cfg.quantization, "packing": True})
     lengths = example_lengths(cfg.num_examples, cfg.seq_len, cfg.seed)
-    estimate = estimate_job(spec, lengths, folder, parameter_count(cfg.model), {"any": 2.0}).as_dict()
+    estimate = estimate_job(spec, lengths, folder, parameter_count(cfg.model), {"any": 2.0}).model_dump()
     return estimate, estimate["trained_tokens"] / estimate["estimated_seconds"]
 
 
@@ -90,7 +90,7 @@ def test_estimate_splits_and_packs_the_rows_as_the_engine_does(tmp_path, val_spl
     spec = JobSpec(name="e", base_model="m", dataset="d", gpu_config={"num_gpus": 0},
                    hyperparameters={"max_seq_length": 512, "val_split": val_split, "packing": packing, "seed": 11,
                                     "batch_size": 2, "gradient_accumulation_steps": 1, "num_epochs": 1})
-    estimate = estimate_job(spec, lengths, folder, 1000, {}).as_dict()
+    estimate = estimate_job(spec, lengths, folder, 1000, {}).model_dump()
     examples = [TokenizedExample([1] * min(n, 512), [1] * min(n, 512), n > 512, i) for i, n in enumerate(lengths)]
     data = TrainingData(examples, batch_size=2, max_seq_length=512, packing=packing, val_split=val_split, seed=11,
                         pad_id=0)
@@ -115,7 +115,7 @@ def test_the_loss_slices_follow_the_loss_the_engine_will_pick(tmp_path):
                        gpu_config={"num_gpus": 1, "gpu_type": "H100"},
                        hyperparameters={"max_seq_length": length, "batch_size": 1, "quantization": "4bit",
                                         "val_split": 0.0})
-        estimate = estimate_job(spec, [length], folder, parameter_count(cfg.model), {}).as_dict()
+        estimate = estimate_job(spec, [length], folder, parameter_count(cfg.model), {}).model_dump()
         return estimate["vram_breakdown_gb"]["logits"]
 
     assert logits(131_072) == pytest.approx(4096 * 128_256 * 4 / 2**30, rel=0.01)

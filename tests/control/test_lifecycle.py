@@ -81,3 +81,13 @@ def test_nothing_else_writes_status():
     writers = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
                if re.search(r"\.status\s*=(?!=)", p.read_text()) and p.name != "lifecycle.py"]
     assert writers == []
+
+
+def test_every_metric_measure_has_a_column_and_an_api_field():
+    from usf_bios.control.schemas import MetricPointPublic
+    from usf_bios.control.tables import MetricPoint
+    from usf_bios.engine.events import METRIC_FIELDS, MetricEvent
+
+    assert set(METRIC_FIELDS) == set(MetricEvent.model_fields) - {"ts", "type", "step"}
+    assert set(METRIC_FIELDS) <= set(MetricPoint.__table__.columns.keys())
+    assert set(METRIC_FIELDS) <= set(MetricPointPublic.model_fields)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from usf_bios.control.schemas import EstimatePublic
 from usf_bios.spec import JobSpec
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "T4": 65.0}
@@ -49,27 +49,6 @@ def measured_mfu(parameters: int, quantization: str) -> float:
     else:
         mfu = m0 + (m1 - m0) * (x - math.log(n0)) / (math.log(n1) - math.log(n0))
     return mfu * (MEASURED_QLORA_MFU_RATIO if quantization != "none" else 1.0)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    examples: int
-    tokens_per_epoch: int
-    rows_per_epoch: int
-    steps: int
-    trained_tokens: int
-    parameters: int
-    lora_parameters: int
-    estimated_seconds: float
-    peak_vram_gb: float | None
-    vram_breakdown_gb: dict[str, float]
-    cost: float
-    price_per_gpu_hour: float
-    gpu_type: str
-    assumptions: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def lora_parameter_count(config: dict, r: int, target_modules: str | list[str]) -> int:
@@ -147,7 +126,7 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
 
 
 def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
-                 prices: dict[str, float]) -> Estimate:
+                 prices: dict[str, float]) -> EstimatePublic:
     """``token_lengths``: every example's length in tokens (before truncation), in dataset order. The training
     split and the packed rows are the engine's own (same seeded split, same bin packing)."""
     from usf_bios.engine.data import pack_rows, split_indices
@@ -175,7 +154,7 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
                        "(our engine's MFU measured on the H200 by usf-bios bench)")
     breakdown = _vram(spec, config, parameters, lora, gpu_type) if peak else {}
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
-    return Estimate(
+    return EstimatePublic(
         examples=len(token_lengths), tokens_per_epoch=tokens_per_epoch, rows_per_epoch=rows, steps=steps,
         trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -12,9 +12,6 @@ class GpuInfo:
     memory_total_gb: float
     memory_used_gb: float
     utilization_percent: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def list_gpus() -> list[GpuInfo]:

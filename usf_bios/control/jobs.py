@@ -155,10 +155,9 @@ def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, 
     from usf_bios.engine.plan import SpeedPlanError
 
     try:
-        found = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
     except (OSError, json.JSONDecodeError) as exc:
         raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
     except SpeedPlanError as exc:
         field, _, reason = str(exc).partition(": ")
         raise Invalid(field, reason) from None
-    return EstimatePublic.model_validate(found)
