@@ -48,7 +48,7 @@ async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, se
 
 @router.get("/jobs", response_model=JobsPublic)
 def list_jobs(caller: CurrentCaller, session: SessionDep, status_filter: JobStatus | None = Query(None, alias="status"),
-              limit: int = Query(50, ge=1, le=jobs.MAX_LIST), offset: int = Query(0, ge=0)) -> JobsPublic:
+              limit: int = Query(50, ge=1, le=jobs.MAX_LIST), offset: int = Query(0, ge=0, le=2**31 - 1)) -> JobsPublic:
     return jobs.find_jobs(session=session, caller=caller, statuses=None if status_filter is None else [status_filter],
                           limit=limit, offset=offset)
 
