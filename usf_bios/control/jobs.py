@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from usf_bios.control import lifecycle
 from usf_bios.control.datasets import find_dataset
-from usf_bios.control.errors import Conflict, Invalid, NotFound
+from usf_bios.control.errors import Conflict, Forbidden, Invalid, NotFound
 from usf_bios.control.keys import Caller
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
 from usf_bios.control.models import find_model
@@ -19,7 +19,8 @@ from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePub
                                       JobStatusPublic, MetricPointPublic)
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
-from usf_bios.engine.jobdir import create_job
+from usf_bios.engine.jobdir import create_job, locked_spec
+from usf_bios.engine.model import device_problems
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
 from usf_bios.models.inspect import folder_size
@@ -28,7 +29,21 @@ from usf_bios.storage import StorageLayout
 MAX_LIST = 500
 
 
+def check_request(caller: Caller, spec: JobSpec) -> None:
+    """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
+    (the model's own Python code would run in the engine with the server's rights), and what the engine would
+    refuse on any machine (``device_problems``: the first, as Invalid naming its field)."""
+    if spec.trust_remote_code and not caller.is_admin:
+        raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
+                        "own Python code in the engine)")
+    if problems := device_problems(spec):
+        raise Invalid(*problems[0])
+
+
 def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
+    """The spec's registered model and dataset, once ``check_request`` has passed (a submit and an estimate both
+    start here)."""
+    check_request(caller, spec)
     model = find_model(session, caller, spec.base_model)
     if model is None:
         raise Invalid("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
@@ -139,6 +154,20 @@ def adapter_folder(*, layout: StorageLayout, job: Job) -> Path:
     if job.status != JobStatus.COMPLETED.value:
         raise Conflict(f"job {job.id} is {job.status}; the adapter exists once it completes")
     return layout.job_output(job.id)
+
+
+def downloaded_spec(*, layout: StorageLayout, job: Job) -> bytes:
+    """``job.yaml`` as the download carries it: ``base_model`` and ``dataset`` relative to the storage root when
+    they lie under it (``models/org--name``, ``data/datasets/ID/chat.jsonl``), so no absolute server path leaves
+    the server that way; the file on disk keeps the absolute paths the engine runs from."""
+    spec = locked_spec(job.id, layout)
+    root = layout.root.resolve()
+    update = {}
+    for field in ("base_model", "dataset"):
+        path = Path(getattr(spec, field))
+        if path.is_absolute() and path.resolve().is_relative_to(root):
+            update[field] = path.resolve().relative_to(root).as_posix()
+    return spec.model_copy(update=update).to_yaml().encode()
 
 
 def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:
