@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -19,7 +20,7 @@ from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePub
                                       JobStatusPublic, MetricPointPublic)
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
-from usf_bios.engine.jobdir import create_job, locked_spec
+from usf_bios.engine.jobdir import create_job
 from usf_bios.engine.model import device_problems
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
@@ -156,18 +157,20 @@ def adapter_folder(*, layout: StorageLayout, job: Job) -> Path:
     return layout.job_output(job.id)
 
 
-def downloaded_spec(*, layout: StorageLayout, job: Job) -> bytes:
-    """``job.yaml`` as the download carries it: ``base_model`` and ``dataset`` relative to the storage root when
-    they lie under it (``models/org--name``, ``data/datasets/ID/chat.jsonl``), so no absolute server path leaves
-    the server that way; the file on disk keeps the absolute paths the engine runs from."""
-    spec = locked_spec(job.id, layout)
+def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes]:
+    """The files the download sends with other contents: ``job.yaml`` with ``base_model`` and ``dataset`` relative
+    to the storage root when they lie under it (``models/org--name``, ``data/datasets/ID/chat.jsonl``), so no
+    absolute server path leaves the server that way; the file on disk keeps the paths the engine runs from."""
+    path = layout.job_spec(job.id)
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     root = layout.root.resolve()
-    update = {}
     for field in ("base_model", "dataset"):
-        path = Path(getattr(spec, field))
-        if path.is_absolute() and path.resolve().is_relative_to(root):
-            update[field] = path.resolve().relative_to(root).as_posix()
-    return spec.model_copy(update=update).to_yaml().encode()
+        value = spec.get(field) if isinstance(spec, dict) else None
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(root):
+            spec[field] = Path(value).resolve().relative_to(root).as_posix()
+    return {"job.yaml": yaml.safe_dump(spec, sort_keys=False).encode()}
 
 
 def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:

@@ -102,7 +102,7 @@ def download(job_id: str, caller: CurrentCaller, session: SessionDep, layout: La
     job = jobs.get_job(session=session, caller=caller, job_id=job_id)
     folder = jobs.adapter_folder(layout=layout, job=job)
     headers = {"Content-Disposition": f'attachment; filename="{job.id}.tar"'}
-    tar = tar_stream(folder, job.id, replace={"job.yaml": jobs.downloaded_spec(layout=layout, job=job)})
+    tar = tar_stream(folder, job.id, replace=jobs.download_replacements(layout=layout, job=job))
     return StreamingResponse(tar, media_type="application/x-tar", headers=headers)
 
 
