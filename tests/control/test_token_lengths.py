@@ -55,7 +55,6 @@ def test_a_changed_file_gets_new_lengths(model: ModelEntry, tmp_path: Path):
     assert len(token_lengths_for(entry, model)) == 30
     write_jsonl(path, chat_rows(31))
     assert list(token_lengths_for(entry, model)) == expected(path, model)
-    assert len(token_lengths_for(entry, model, trust_remote_code=True)) == 31   # its own key
 
 
 def test_errors_name_the_field_and_the_dataset_not_its_path(model: ModelEntry, tmp_path: Path):

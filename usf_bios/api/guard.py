@@ -4,6 +4,7 @@
   API as "same origin". Its requests carry ``Host: evil.example``. When API keys are not required (a loopback
   server), only loopback names and addresses (any port), ``USF_HOST`` and ``USF_ALLOWED_HOSTS`` are accepted
   as Host; anything else is answered 400 "Host not allowed".
+- A request with more than one Host header is answered 400 on every deployment (the checks read one).
 - Cross-site writes: any page can make the browser POST a form to http://127.0.0.1:8000. On every deployment,
   a POST, PUT, PATCH or DELETE (and a WebSocket handshake) whose ``Origin`` header is not the request's own
   origin (scheme://host:port, from the Host header) is answered 403. Requests without Origin (curl, scripts,
@@ -62,6 +63,13 @@ def _origin_of(url: str) -> tuple[str, str, int] | None:
     return (scheme, host, port) if scheme in DEFAULT_PORTS and host and port else None
 
 
+def _duplicate_host(scope: dict) -> tuple[int, str] | None:
+    """Two Host headers: the checks below would read only the first, the application or a proxy maybe another."""
+    if sum(1 for name, _ in scope.get("headers", ()) if name.lower() == b"host") > 1:
+        return 400, "more than one Host header: a request names one host"
+    return None
+
+
 class RequestGuard:
     """ASGI middleware: the Host check (when ``allowed_hosts`` is given) and the Origin check (always)."""
 
@@ -75,7 +83,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        problem = self._host_problem(headers) or self._origin_problem(scope, headers)
+        problem = (_duplicate_host(scope) or self._host_problem(headers)
+                   or self._origin_problem(scope, headers))
         if problem is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "http":

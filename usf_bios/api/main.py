@@ -14,7 +14,9 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
+from usf_bios.api.logs import install_key_redaction
 from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
+from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
 from usf_bios.datasets.formats import DatasetError
@@ -67,6 +69,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_key_redaction()   # uvicorn has configured its loggers by now
+        sweep_orphan_uploads(app.state.layout)
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")
         app.state.feeds = {}   # job id → the one live feed its event streams share (api/feeds.py)
@@ -115,8 +119,11 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     return app
 
 
-def app_factory() -> Any:  # for `uvicorn --factory usf_bios.api.main:app_factory`
+def app_factory() -> Any:
+    """The app for `uvicorn --factory usf_bios.api.main:app_factory`. uvicorn's --host never reaches the app, so
+    it cannot know it is bound to loopback only: it always requires API keys (fail closed). `usf-bios serve` is
+    the way to run without keys on loopback."""
     from usf_bios.settings import get_settings
 
     settings = get_settings()
-    return create_app(settings, settings.host)
+    return create_app(settings.model_copy(update={"require_auth": True}), settings.host)

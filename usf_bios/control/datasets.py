@@ -6,9 +6,11 @@ reason), which ``api/main.py`` turns into answers.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from usf_bios.datasets.readers import SUPPORTED_SUFFIXES, read_records
 from usf_bios.storage import StorageLayout, confine, safe_filename
 
 HISTOGRAM_BINS = 20
+ORPHAN_UPLOAD_AGE_S = 3600   # a file in the uploads folder untouched this long belongs to no live upload
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[\w-][\w. -]{0,199}$")
 
 
@@ -50,6 +54,25 @@ def get_dataset(*, session: Session, caller: Caller, ref: str) -> DatasetEntry:
 
 
 # --- upload -------------------------------------------------------------------------------------------------
+
+def sweep_orphan_uploads(layout: StorageLayout, older_than_s: float = ORPHAN_UPLOAD_AGE_S) -> int:
+    """Remove what a killed server left in the uploads folder (``<uuid>.part`` files and their staged copies),
+    and return how many files went. Only files not written for ``older_than_s``: a live upload writes its part
+    file as the body arrives and validates it within minutes, and another server sharing USF_HOME may be
+    receiving one right now."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in layout.uploads.iterdir() if layout.uploads.is_dir() else ():
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:   # gone meanwhile (another server swept it), or not ours to remove
+            continue
+    if removed:
+        log.warning("removed %d orphan upload file(s) older than %.0f s from %s", removed, older_than_s, layout.uploads)
+    return removed
+
 
 def check_upload_filename(raw: str) -> str:
     """The safe stored name of an uploaded file; Unsupported unless its suffix is a supported dataset type."""

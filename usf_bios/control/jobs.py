@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from usf_bios.control import lifecycle
 from usf_bios.control.datasets import find_dataset
-from usf_bios.control.errors import Conflict, Invalid, NotFound
+from usf_bios.control.errors import Conflict, Forbidden, Invalid, NotFound
 from usf_bios.control.keys import Caller
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
 from usf_bios.control.models import find_model
@@ -20,6 +21,7 @@ from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePub
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
+from usf_bios.engine.model import device_problems
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
 from usf_bios.models.inspect import folder_size
@@ -28,7 +30,21 @@ from usf_bios.storage import StorageLayout
 MAX_LIST = 500
 
 
+def check_request(caller: Caller, spec: JobSpec) -> None:
+    """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
+    (the model's own Python code would run in the engine with the server's rights), and what the engine would
+    refuse on any machine (``device_problems``: the first, as Invalid naming its field)."""
+    if spec.trust_remote_code and not caller.is_admin:
+        raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
+                        "own Python code in the engine)")
+    if problems := device_problems(spec):
+        raise Invalid(*problems[0])
+
+
 def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
+    """The spec's registered model and dataset, once ``check_request`` has passed (a submit and an estimate both
+    start here)."""
+    check_request(caller, spec)
     model = find_model(session, caller, spec.base_model)
     if model is None:
         raise Invalid("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
@@ -144,6 +160,22 @@ def adapter_folder(*, layout: StorageLayout, job: Job) -> Path:
     if job.status != JobStatus.COMPLETED.value:
         raise Conflict(f"job {job.id} is {job.status}; the adapter exists once it completes")
     return layout.job_output(job.id)
+
+
+def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes]:
+    """The files the download sends with other contents: ``job.yaml`` with ``base_model`` and ``dataset`` relative
+    to the storage root when they lie under it (``models/org--name``, ``data/datasets/ID/chat.jsonl``), so no
+    absolute server path leaves the server that way; the file on disk keeps the paths the engine runs from."""
+    path = layout.job_spec(job.id)
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    root = layout.root.resolve()
+    for field in ("base_model", "dataset"):
+        value = spec.get(field) if isinstance(spec, dict) else None
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(root):
+            spec[field] = Path(value).resolve().relative_to(root).as_posix()
+    return {"job.yaml": yaml.safe_dump(spec, sort_keys=False).encode()}
 
 
 def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from usf_bios.engine.events import METRIC_FIELDS
 from usf_bios.status import JobStatus
@@ -118,6 +118,7 @@ class PreviewExample(_Out):
 
 REPO_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*/[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
 NAME = r"^[^\x00-\x1f\x7f]+$"
+MAX_NAME_BYTES = 255   # the longest file or folder name Linux file systems take
 
 
 class ModelCreate(BaseModel):
@@ -129,6 +130,15 @@ class ModelCreate(BaseModel):
                              description="source local: the model folder (absolute, or relative to USF_MODEL_PATH).")
     repo_id: str | None = Field(None, max_length=200, pattern=REPO_ID,
                                 description="source huggingface/modelscope: org/name, found in the local cache.")
+
+    @field_validator("path")
+    @classmethod
+    def _short_parts(cls, path: str | None) -> str | None:
+        for part in (path or "").split("/"):
+            if len(part.encode()) > MAX_NAME_BYTES:
+                raise ValueError(f"the folder name {part[:40]!r}… is {len(part.encode())} bytes; a file system takes "
+                                 f"at most {MAX_NAME_BYTES} per name")
+        return path
 
     @model_validator(mode="after")
     def _source_fields(self) -> "ModelCreate":

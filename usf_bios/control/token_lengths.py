@@ -3,10 +3,13 @@
 The job estimate (POST /api/jobs/estimate, which the web form calls after each field change) and the dataset
 stats (GET /api/datasets/{id}?model=…) both need these lengths, and tokenizing a large dataset takes seconds
 to minutes. The newest ``CACHE_SIZE`` results are kept, keyed by (the dataset file's SHA-256 as the file is
-now, the resolved model folder, the dataset format, trust_remote_code): a changed file has a new hash and so
-gets new lengths. Only one computation per key runs at a time: a request asking for a key already being
+now, the resolved model folder, the dataset format): a changed file has a new hash and so gets new lengths. Only one computation per key runs at a time: a request asking for a key already being
 computed waits for that result (``token_lengths_future`` lets an async route wait without holding a thread),
 and at most ``WORKERS`` computations run at once in all.
+
+A model's own Python code never runs in the server: tokenizers load with ``trust_remote_code=False``, and a model
+whose tokenizer needs its own code is refused (field ``base_model``): its token statistics come only from the
+engine, when the job runs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from usf_bios.control.tables import DatasetEntry, ModelEntry
 
 CACHE_SIZE = 16                       # results kept (8 bytes per example each)
 WORKERS = 2                           # tokenizations at once, over all keys
-Key = tuple[str, str, str, bool]      # (file sha256, resolved model folder, format, trust_remote_code)
+Key = tuple[str, str, str]            # (file sha256, resolved model folder, format)
 
 _lock = threading.Lock()              # guards the dictionaries and the counter below
 _cache: OrderedDict[Key, memoryview] = OrderedDict()     # least recently used first
@@ -56,15 +59,13 @@ class _Source:
         return f"dataset {self.dataset_name!r}" + (f" ({self.filename})" if self.filename != self.dataset_name else "")
 
 
-def token_lengths_for(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto",
-                      trust_remote_code: bool = False) -> Sequence[int]:
+def token_lengths_for(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto") -> Sequence[int]:
     """Each example's length in tokens (chat template included, before truncation), in the file's order, as a
     read-only view shared between callers. Blocks until computed; raises TokenLengthsError."""
-    return token_lengths_future(dataset, model, dataset_format, trust_remote_code).result()
+    return token_lengths_future(dataset, model, dataset_format).result()
 
 
-def token_lengths_future(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto",
-                         trust_remote_code: bool = False) -> Future:
+def token_lengths_future(dataset: DatasetEntry, model: ModelEntry, dataset_format: str = "auto") -> Future:
     """The same as a Future: done at once from the cache, else the one computation of this key (started now or
     already under way). Reads (and hashes) the dataset file, so call it off the event loop."""
     source = _Source(dataset.name, dataset.filename, dataset.path, model.name, model.path, model.source)
@@ -72,7 +73,7 @@ def token_lengths_future(dataset: DatasetEntry, model: ModelEntry, dataset_forma
     used_format = dataset_format
     if dataset_format == "auto" and sha == dataset.sha256:
         used_format = dataset.format   # what the upload detected from these same bytes: shares the stats' entry
-    key: Key = (sha, str(Path(model.path).resolve()), used_format, trust_remote_code)
+    key: Key = (sha, str(Path(model.path).resolve()), used_format)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -86,7 +87,7 @@ def token_lengths_future(dataset: DatasetEntry, model: ModelEntry, dataset_forma
 
 def _compute(key: Key, source: _Source, fmt: str, requested_format: str) -> memoryview:
     try:
-        lengths = memoryview(_tokenize(source, fmt, requested_format, trust_remote_code=key[3])).toreadonly()
+        lengths = memoryview(_tokenize(source, fmt, requested_format)).toreadonly()
         with _lock:
             _cache[key] = lengths
             while len(_cache) > CACHE_SIZE:
@@ -119,7 +120,20 @@ def _file_sha256(source: _Source) -> str:
     return digest.hexdigest()
 
 
-def _tokenize(source: _Source, fmt: str, requested_format: str, trust_remote_code: bool) -> array:
+def _needs_own_code(folder: Path) -> bool:
+    """Whether the model's tokenizer or config names Python code shipped with the model (``auto_map``)."""
+    import json
+
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            if "auto_map" in json.loads((folder / name).read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _tokenize(source: _Source, fmt: str, requested_format: str) -> array:
     global tokenizations
     from usf_bios.datasets.formats import DatasetError, load_dataset
     from usf_bios.datasets.stats import token_lengths
@@ -138,8 +152,12 @@ def _tokenize(source: _Source, fmt: str, requested_format: str, trust_remote_cod
         tokenizations += 1
     try:
         tokenizer = load_tokenizer(ResolvedModel(source.model_name, Path(source.model_path), source.model_source),
-                                   trust_remote_code)
+                                   trust_remote_code=False)   # never the model's own code in the server process
         return array("l", token_lengths(examples, tokenizer))
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds on a broken tokenizer folder
+        if _needs_own_code(Path(source.model_path)):
+            raise TokenLengthsError("base_model", f"model {source.model_name!r} ships its own tokenizer code, which "
+                                    "the server never runs: token statistics for such a model are computed only by "
+                                    "the engine, when the job runs") from None
         raise TokenLengthsError("base_model", f"model {source.model_name!r} cannot tokenize {source.label}: "
                                 f"{str(exc) or type(exc).__name__}") from None

@@ -40,29 +40,41 @@ class Placement:
         return self.device.type == "cuda" and self.precision in ("bf16", "fp16")
 
 
+def device_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the engine refuses on any machine, as (field path, reason): more than one GPU, and fp16 or a
+    quantized model on the CPU. ``choose_placement`` raises the first; the server refuses a submit or an estimate
+    with them before anything runs."""
+    hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
+    problems = []
+    if gpus > 1:
+        problems.append(("gpu_config.num_gpus", f"{gpus} GPUs: one job trains on one GPU for now; set num_gpus: 1"))
+    if gpus == 0 and hp.precision == "fp16":
+        problems.append(("hyperparameters.precision", "fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU"))
+    if gpus == 0 and hp.quantization != "none":
+        problems.append(("hyperparameters.quantization", f"{hp.quantization} needs a CUDA GPU (bitsandbytes); "
+                                                         "set quantization: none to train on the CPU"))
+    return problems
+
+
 def choose_placement(spec: JobSpec) -> Placement:
     """CPU when num_gpus is 0, else the first visible GPU (CUDA_VISIBLE_DEVICES decides which)."""
+    if problems := device_problems(spec):
+        field, reason = problems[0]
+        raise ModelLoadError(f"{field}: {reason}")
     hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
     if gpus == 0:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         raise ModelLoadError(f"gpu_config.num_gpus is {gpus} but no CUDA GPU is visible; set gpu_config.num_gpus: 0 "
                              "to train on the CPU")
-    elif gpus > 1:
-        raise ModelLoadError(f"gpu_config.num_gpus is {gpus}: one job trains on one GPU for now; set num_gpus: 1")
     else:
         device = torch.device("cuda", 0)
     precision = hp.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ModelLoadError("hyperparameters.precision: fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError("hyperparameters.precision: this GPU has no bf16; use fp16 or fp32")
     if hp.quantization != "none":
-        if device.type != "cuda":
-            raise ModelLoadError(f"hyperparameters.quantization: {hp.quantization} needs a CUDA GPU (bitsandbytes); "
-                                 "set quantization: none to train on the CPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelLoadError(f"hyperparameters.quantization: {hp.quantization} needs bitsandbytes; "
                                  "install it with `pip install 'usf-bios[gpu]'`")

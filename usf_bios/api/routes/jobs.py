@@ -39,14 +39,14 @@ async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, se
     """Tokens, steps, time, peak GPU memory and cost, before anything runs. The dataset's token lengths are
     computed once per (dataset file, model, format) and shared with the dataset stats (control/token_lengths.py)."""
     model, dataset = await run_in_threadpool(lambda: jobs.resolve_references(session=session, caller=caller, spec=spec))
-    pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format, spec.trust_remote_code)
+    pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
     lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
     return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings)
 
 
 @router.get("/jobs", response_model=JobsPublic)
 def list_jobs(caller: CurrentCaller, session: SessionDep, status_filter: JobStatus | None = Query(None, alias="status"),
-              limit: int = Query(50, ge=1, le=jobs.MAX_LIST), offset: int = Query(0, ge=0)) -> JobsPublic:
+              limit: int = Query(50, ge=1, le=jobs.MAX_LIST), offset: int = Query(0, ge=0, le=2**31 - 1)) -> JobsPublic:
     return jobs.find_jobs(session=session, caller=caller, statuses=None if status_filter is None else [status_filter],
                           limit=limit, offset=offset)
 
@@ -95,11 +95,13 @@ def checkpoints(job_id: str, caller: CurrentCaller, session: SessionDep, layout:
 @router.get("/jobs/{job_id}/download", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}, "description": "the output folder as a tar"}})
 def download(job_id: str, caller: CurrentCaller, session: SessionDep, layout: LayoutDep) -> StreamingResponse:
-    """The output folder (adapter, tokenizer, job.yaml, logs of training) as a streamed tar."""
+    """The output folder (adapter, tokenizer, job.yaml, logs of training) as a streamed tar; in job.yaml the model
+    and dataset paths are relative to the storage root."""
     job = jobs.get_job(session=session, caller=caller, job_id=job_id)
     folder = jobs.adapter_folder(layout=layout, job=job)
     headers = {"Content-Disposition": f'attachment; filename="{job.id}.tar"'}
-    return StreamingResponse(tar_stream(folder, job.id), media_type="application/x-tar", headers=headers)
+    tar = tar_stream(folder, job.id, replace=jobs.download_replacements(layout=layout, job=job))
+    return StreamingResponse(tar, media_type="application/x-tar", headers=headers)
 
 
 # -- live events ---------------------------------------------------------------------------------------
