@@ -15,6 +15,10 @@ for part in "$@"; do
              --out $OUT/qlora ${PERF:+--performance "$PERF"} 2>&1 | grep -v Warning | tee -a $OUT/log ;;
     bf16) python3 -m usf_bios bench --config llama3.1-8b-lora-bf16-4096 --baseline unsloth --timeout 170 \
              --out $OUT/bf16 2>&1 | grep -v Warning | tee -a $OUT/log ;;
+    qlora-merge) python3 -m usf_bios bench --config llama3.1-8b-qlora-nf4-4096 --side ours --timeout 170 \
+             --performance '{"merge_micro_batches":"on"}' --out $OUT/qlora-merge 2>&1 | grep -v Warning | tee -a $OUT/log ;;
+    qlora-full) python3 -m usf_bios bench --config llama3.1-8b-qlora-nf4-4096 --baseline unsloth --workload full-rows \
+             --timeout 170 --out $OUT/qlora-full 2>&1 | grep -v Warning | tee -a $OUT/log ;;
     bf16-80) python3 -m usf_bios bench --config llama3.1-8b-lora-bf16-4096 --side ours --gpu-memory 85.5 \
              --timeout 170 --out $OUT/bf16-80 2>&1 | grep -v Warning | tee -a $OUT/log ;;
     profile) python3 -m usf_bios.bench.profile llama3.1-8b-qlora-nf4-4096 ${PERF:+--performance "$PERF"} \

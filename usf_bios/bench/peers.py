@@ -5,7 +5,8 @@
   folder, so the random model of the bench's shape is saved to local disk first (``save_model_folder``), with a
   small tokenizer. Unsloth takes packed rows (batch 1, positions restarting at each example, no attention mask:
   it finds the example boundaries from the positions and keeps the examples apart in attention), so it trains
-  exactly our rows, in our order, micro-batch for micro-batch.
+  exactly our rows, in our order, micro-batch for micro-batch (timed on a second pass over them, after its
+  compilations: see ``run_unsloth``).
 - ``hf-best``: transformers + peft + Liger's kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), no
   checkpointing, the largest micro-batch that fits (tried from the step's examples downwards, halving on running
   out of memory during the first, untimed step); the step's examples padded to the micro-batch's longest, as the
@@ -103,9 +104,12 @@ def _optimizer(model: Any, cfg: BenchConfig, cuda: bool) -> torch.optim.Optimize
     return torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0, fused=cuda)
 
 
-def run_unsloth(folder: Path, cfg: BenchConfig, step_batches: list[list[Batch]], side: str) -> tuple[Measurement, list[str]]:
+def run_unsloth(folder: Path, cfg: BenchConfig, step_batches: list[list[Batch]], side: str, *,
+                warm_pass: bool = True) -> tuple[Measurement, list[str]]:
     """Train with Unsloth on our rows (each micro-batch one packed row, batch 1); ``side`` picks its checkpointing.
-    Unsloth must have been imported before transformers in this process (``import unsloth`` first)."""
+    With ``warm_pass`` every step runs once untimed before the timed pass over the same rows (its compilations
+    would otherwise land in the timed steps: one per new count of examples in a row, 5-30 s each, seen on the
+    H200); our side gets no such pass. Unsloth must have been imported before transformers in this process."""
     from unsloth import FastLanguageModel
 
     checkpointing = UNSLOTH_PLANS[side]
@@ -131,6 +135,10 @@ def run_unsloth(folder: Path, cfg: BenchConfig, step_batches: list[list[Batch]],
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if warm_pass:  # Unsloth compiles each decoder block, again for each new count of examples in a row
+        warm = _time_steps(step_batches, micro_batch, optimizer, True)
+        notes.append("unsloth: a first, untimed pass over every step's rows (its compilations, one per new count of "
+                     f"examples in a row, out of the timed pass): {', '.join(f'{x:.2f}' for x in warm[0])} s")
     seconds, tokens, losses = _time_steps(step_batches, micro_batch, optimizer, True)
     peak = torch.cuda.max_memory_allocated() / 1e9
     return Measurement(summarize(seconds, tokens, cfg.warmup_steps), peak, seconds, tokens, losses), notes
