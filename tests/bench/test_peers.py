@@ -103,3 +103,19 @@ def test_the_bench_runs_and_reports_where_unsloth_is_absent(tmp_path):
     assert row["unsloth_peak_memory_gb"] is None and "not installed" in row["unsloth_error"]
     assert row["baseline"] is None and row["baseline_tokens_per_second"] is None
     assert report["baselines"] == ["unsloth"]
+
+
+def test_the_card_size_reaches_every_side(tmp_path):
+    """--gpu-memory is passed to each side's worker; on the CPU each refuses it by name, and the report says so."""
+    path = run_bench([CFG.name], out_dir=tmp_path, performance=Performance(), timeout=600, sides=("baseline", "ours"),
+                     baselines=("hf-best",), gpu_memory_gb=85.5, log=lambda line: None)
+    report = json.loads(path.read_text())
+    assert report["results"] == [] and report["gpu_memory_gb"] == 85.5
+    (failed,) = report["failed"]
+    assert failed["errors"] == {"hf-best": "ValueError: --gpu-memory-gb needs a GPU",
+                                "ours": "ValueError: --gpu-memory-gb needs a GPU"}
+
+
+def test_unknown_workloads_fail_before_any_side_runs(tmp_path):
+    with pytest.raises(ValueError, match="unknown workload"):
+        run_bench([CFG.name], out_dir=tmp_path, performance=Performance(), workloads=("padded",), log=lambda line: None)
