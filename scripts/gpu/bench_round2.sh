@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Device call for issue 19 (carry [".dev/unsloth/site", ".whl"]): ours vs Unsloth on the same packed rows, and the
 # QLoRA profile. Everything goes under $OUT. Usage: bash scripts/gpu/bench_round2.sh PART...  (parts: qlora bf16
-# profile gpu-tests qlora-hf-best bf16-hf-best)
+# qlora-merge qlora-full bf16-80 profile gpu-tests). Here, first: bash /work/shared/tools/prepare_unsloth.sh .dev/unsloth
+# (in a git worktree, where .git is a file, its exclude step fails: ignore .dev/ in .gitignore instead), and
+# python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#   --platform manylinux2014_x86_64 -d .whl pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3 \
+#   annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 typing-extensions==4.16.0 \
+#   liger-kernel==0.8.5 peft==0.21.0
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/.dev/unsloth/site:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
