@@ -48,3 +48,10 @@ def test_failed_job_exits_1_with_the_reason(layout, tiny_model, tmp_path):
     result = usf("train", str(spec), "--quiet")
     assert result.returncode == 1
     assert "quantization: 4bit needs a CUDA GPU" in " ".join(result.stderr.split())
+
+
+def test_bench_refuses_an_unknown_baseline_or_workload_by_name(tmp_path):
+    result = usf("bench", "--config", "tiny-llama-lora-fp32-256", "--baseline", "axolotl", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown baseline 'axolotl'" in result.stderr
+    result = usf("bench", "--config", "tiny-llama-lora-fp32-256", "--workload", "padded", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown workload 'padded'" in result.stderr

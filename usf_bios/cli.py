@@ -143,6 +143,16 @@ def bench(
                                                          "the 8B/7B LoRA and QLoRA ones. --list shows them.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON report, named <gpu>-<date>.json.")] = Path("docs/benchmarks"),
     side: Annotated[str, typer.Option(help="both | ours | baseline")] = "both",
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        "--baseline", help="Peers to measure (repeatable): hf (Trainer + peft, checkpointing; the default), hf-best "
+        "(transformers + peft + Liger, no checkpointing, the largest batch that fits), unsloth (with its "
+        "checkpointing and without).")] = None,
+    workload: Annotated[Optional[list[str]], typer.Option(
+        "--workload", help="packed (the default: examples of many lengths, packed) and/or full-rows (each row one "
+        "example of the full length); repeatable.")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", help="Run every side as on a card with this much memory in GB (85.5 = an H100 80GB); the "
+        "rest of the card is held aside.")] = None,
     performance: Annotated[str, typer.Option(help="JSON of spec.performance fields for our engine.")] = "{}",
     context: Annotated[Optional[str], typer.Option(help="Also search the longest context at batch 1 for this configuration.")] = None,
     context_layers: Annotated[Optional[int], typer.Option(help="Search on a probe of this many decoder layers.")] = None,
@@ -154,7 +164,8 @@ def bench(
     timeout: Annotated[float, typer.Option(help="Seconds allowed for each side of each configuration.")] = 1800,
     list_configs: Annotated[bool, typer.Option("--list", help="List the configurations and exit.")] = False,
 ) -> None:
-    """Measure our engine against Hugging Face Trainer + peft on this GPU: tokens/s, MFU, peak memory."""
+    """Measure our engine against Hugging Face Trainer + peft (or hf-best, Unsloth) on this GPU: tokens/s, MFU,
+    peak memory."""
     import json
 
     from pydantic import ValidationError
@@ -182,7 +193,9 @@ def bench(
                            context_gpu_memory) if context else None
     try:
         path = run_bench(config or ([] if context else DEFAULT_BENCH), out_dir=out, performance=perf,
-                         timeout=timeout, sides=sides, context=search, log=lambda line: console.print(line, highlight=False))
+                         timeout=timeout, sides=sides, context=search, baselines=tuple(baseline or ("hf",)),
+                         workloads=tuple(workload or ("packed",)), gpu_memory_gb=gpu_memory,
+                         log=lambda line: console.print(line, highlight=False))
     except ValueError as err:
         raise _fail(str(err)) from None
     console.print(markdown_table(json.loads(path.read_text())), highlight=False)

@@ -121,3 +121,14 @@ def test_the_loss_slices_follow_the_loss_the_engine_will_pick(tmp_path):
     assert logits(131_072) == pytest.approx(4096 * 128_256 * 4 / 2**30, rel=0.01)
     assert logits(131_072) > 2 * logits(16_384)
     assert logits(131_072, loss="chunked") == logits(16_384, loss="chunked") == logits(131_072, checkpointing="offload")
+
+
+def test_estimate_follows_the_qlora_default_measured_beside_unsloth(tmp_path):
+    """The QLoRA default of 2026-12-01 evening (LoRA fused with its NF4 projections), measured in the same call as
+    Unsloth (docs/benchmarks.md, issue 19): the estimate stays within 10% on time and 15% on memory."""
+    raw = json.loads((REPORT.parent / "raw/h200-2026-12-01d-qlora-vs-unsloth-packed-call2.json").read_text())
+    (row,) = raw["results"]
+    assert row["config"] == "llama3.1-8b-qlora-nf4-4096" and row["workload"] == "packed"
+    estimate, tokens_per_second = bench_like_estimate(tmp_path, "llama3.1-8b-qlora-nf4-4096")
+    assert tokens_per_second == pytest.approx(row["tokens_per_second"], rel=0.10)
+    assert estimate["peak_vram_gb"] == pytest.approx(row["peak_memory_gb"] * 1e9 / 2**30, rel=0.15)

@@ -357,6 +357,17 @@ def test_merging_needs_varlen_attention_on_a_gpu():
         resolve_plan(Performance(merge_micro_batches="on"), Hyperparameters(), CPU)
 
 
+def test_merging_a_plan_that_recomputes_every_layer_only_when_asked():
+    qlora = Hyperparameters(quantization="4bit")
+    auto = plan_module.plan_for(Performance(), qlora, cuda=True, liger=True)
+    assert auto.checkpointing == "all" and auto.merge_micro_batches is False
+    on = plan_module.plan_for(Performance(merge_micro_batches="on"), qlora, cuda=True, liger=True)
+    assert on.checkpointing == "all" and on.merge_micro_batches is True
+    with pytest.raises(SpeedPlanError, match="merge_micro_batches"):
+        plan_module.plan_for(Performance(merge_micro_batches="on", checkpointing="offload"), qlora, cuda=True,
+                             liger=True)
+
+
 def test_compiled_layers_match_the_plain_path(reference):
     """torch.compile (inductor, C++ on the CPU) of each decoder layer, with the other CPU switches on."""
     plan = dataclasses.replace(PLAIN, attention="varlen", fused_lora=True, compile=True)
@@ -446,3 +457,65 @@ def test_auto_loss_is_ligers_on_a_gpu_that_has_it_except_for_long_context_offloa
     gpu = Placement(torch.device("cuda", 0), "bf16")
     assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), gpu).loss == expected
     assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), CPU).loss == "chunked"
+
+
+def quantized_tiny_base():
+    """The tiny model with every decoder linear layer in bitsandbytes NF4 (double quantization), on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    base = tiny_base()
+    for layer in base.model.layers:
+        for name, linear in [(n, m) for n, m in layer.named_modules() if type(m) is torch.nn.Linear]:
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True).to("cpu")
+            quantized.requires_grad_(False)
+            layer.set_submodule(name, quantized)
+    return base
+
+
+def quantized_loss_and_grads(plan: SpeedPlan, calls: dict[str, int] | None = None):
+    job = JobSpec(name="speed", base_model="tiny", dataset="rows",
+                  hyperparameters={"precision": "fp32", "lora_dropout": 0.0, "quantization": "4bit",
+                                   "gradient_checkpointing": plan.checkpointing != "none"})
+    model, applied, _ = build_model(quantized_tiny_base(), job, plan, CPU)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.train()
+    value = loss_sum(model, packed_batch(), loss=applied.loss, attention=applied.attention)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    return value.detach(), grads
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "all", "offload"])
+def test_fused_4bit_lora_matches_peft_and_bitsandbytes(checkpointing, monkeypatch):
+    """LoRA fused with its NF4 projection (one function, W dequantized once per forward, and in recomputed layers
+    kept for the backward) against peft's LoRA on bitsandbytes' own 4-bit product: same loss and gradients."""
+    plain = quantized_loss_and_grads(dataclasses.replace(PLAIN, checkpointing=checkpointing))
+    calls = {"apply": 0, "kept": 0, "dequantize": 0}
+    original_apply, original_dequantize = fused_lora._LoraLinear4bit.apply, fused_lora._dequantize_4bit
+
+    def counted_apply(*args):
+        calls["apply"] += 1
+        calls["kept"] += bool(args[-1])
+        return original_apply(*args)
+
+    def counted_dequantize(*args):
+        calls["dequantize"] += 1
+        return original_dequantize(*args)
+
+    monkeypatch.setattr(fused_lora._LoraLinear4bit, "apply", counted_apply)
+    monkeypatch.setattr(fused_lora, "_dequantize_4bit", counted_dequantize)
+    fused = quantized_loss_and_grads(dataclasses.replace(PLAIN, checkpointing=checkpointing, fused_lora=True))
+    assert_same(fused, plain, rtol=1e-4, atol=1e-5)
+    linears = 3 * 7
+    if checkpointing == "none":  # one forward; the backward dequantizes again (nothing kept), except for the first
+        # layer's q/k/v projections, whose input (the embeddings' output) needs no gradient
+        assert calls == {"apply": linears, "kept": 0, "dequantize": 2 * linears - 3}
+    else:  # forward, recomputed forward (kept for the backward): two dequantizations, not three
+        assert calls == {"apply": 2 * linears, "kept": 2 * linears, "dequantize": 2 * linears}

@@ -149,6 +149,22 @@ def test_fused_lora_on_nf4_layers_matches_peft():
                       loss_and_grads(PLAIN, quantized=True))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("checkpointing", ["all", "offload"])
+def test_fused_nf4_lora_in_recomputed_layers_matches_peft(checkpointing, monkeypatch):
+    """The 4-bit LoRA function in recomputed layers (the dequantized weight kept from the recomputed forward for the
+    backward) against peft on bitsandbytes' own 4-bit product, both recomputing."""
+    from usf_bios.engine import fused_lora
+
+    kept = []
+    original = fused_lora._LoraLinear4bit.apply
+    monkeypatch.setattr(fused_lora._LoraLinear4bit, "apply", lambda *args: kept.append(args[-1]) or original(*args))
+    plan = dataclasses.replace(PLAIN, checkpointing=checkpointing)
+    fused = loss_and_grads(dataclasses.replace(plan, fused_lora=True), quantized=True)
+    assert kept and all(kept)
+    assert_close_bf16(fused, loss_and_grads(plan, quantized=True))
+
+
 def test_fused_adamw_takes_the_same_steps():
     params = {}
     for fused in (False, True):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 # Values copied from the public config.json of each model. `model_type` picks the transformers config class;
@@ -157,6 +158,22 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     BenchConfig("tiny-llama-lora-fp32-256", "tiny-llama", "none", 256, examples_per_step=8, baseline_micro_batch=4,
                 warmup_steps=1, timed_steps=2, learning_rate=1e-3, precision="fp32"),
 )}
+
+
+WORKLOADS = ("packed", "full-rows")
+FULL_ROWS_PER_STEP = 4    # full-rows: each step 4 examples of seq_len tokens (16,384 tokens at 4096, as packed's 4 rows)
+
+
+def workload_config(cfg: BenchConfig, workload: str) -> BenchConfig:
+    """The configuration a workload runs: ``packed`` as it is (examples of many lengths, packed into rows by our
+    side); ``full-rows`` with FULL_ROWS_PER_STEP examples a step, each exactly seq_len tokens long (each row one
+    example, no packing and no padding on any side)."""
+    if workload not in WORKLOADS:
+        raise _unknown("workload", workload, WORKLOADS)
+    if workload == "packed":
+        return cfg
+    return replace(cfg, examples_per_step=FULL_ROWS_PER_STEP,
+                   baseline_micro_batch=math.gcd(cfg.baseline_micro_batch, FULL_ROWS_PER_STEP))
 
 
 def get_config(name: str) -> BenchConfig:

@@ -15,7 +15,7 @@ import torch
 from usf_bios.bench.configs import BenchConfig
 from usf_bios.bench.measure import Measurement, summarize
 from usf_bios.engine.checkpoint import TrainerState
-from usf_bios.engine.data import TokenizedExample, TrainingData, collate
+from usf_bios.engine.data import Batch, TokenizedExample, TrainingData, collate
 from usf_bios.engine.events import EventLog, MetricEvent, read_events
 from usf_bios.engine.loop import TrainingRun, autocast, make_optimizer, train
 from usf_bios.engine.loss import loss_sum
@@ -41,10 +41,8 @@ def _placement(model: Any, cfg: BenchConfig) -> Placement:
     return Placement(next(model.parameters()).device, cfg.precision)
 
 
-def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, performance: Performance,
-             workdir: Path, after_step: Callable[[int], None] | None = None) -> tuple[Measurement, list[str]]:
-    """Train with the engine's loop; returns the measurement and the engine's notes (the speed plan it chose)."""
-    examples = examples[:cfg.num_examples]
+def plan_rows(examples: list[TokenizedExample], cfg: BenchConfig) -> tuple[TrainingData, int, int]:
+    """The packed rows our engine trains on (one row per micro-batch), rows per step and steps."""
     data = TrainingData(examples, batch_size=1, max_seq_length=cfg.seq_len, packing=True, val_split=0.0,
                         seed=cfg.seed, pad_id=0)
     rows = len(data.train_rows)
@@ -53,6 +51,23 @@ def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, per
     if steps <= cfg.warmup_steps:
         raise ValueError(f"{cfg.name}: {rows} packed rows make only {steps} steps; need more than "
                          f"{cfg.warmup_steps} warm-up steps")
+    return data, accumulation, steps
+
+
+def step_rows(examples: list[TokenizedExample], cfg: BenchConfig) -> list[list[Batch]]:
+    """Our rows as each optimizer step takes them, one-row micro-batches in the loop's order (without merging):
+    what a peer trains on to do the same work as our side."""
+    data, accumulation, steps = plan_rows(examples[:cfg.num_examples], cfg)
+    order = data.epoch_order(0)
+    return [[data.micro_batch(order, k * accumulation + j) for j in range(accumulation)] for k in range(steps)]
+
+
+def run_ours(model: Any, examples: list[TokenizedExample], cfg: BenchConfig, performance: Performance,
+             workdir: Path, after_step: Callable[[int], None] | None = None) -> tuple[Measurement, list[str]]:
+    """Train with the engine's loop; returns the measurement and the engine's notes (the speed plan it chose)."""
+    examples = examples[:cfg.num_examples]
+    data, accumulation, steps = plan_rows(examples, cfg)
+    rows = len(data.train_rows)
     spec = bench_spec(cfg, max_steps=steps, accumulation=accumulation, max_seq_length=cfg.seq_len,
                       performance=performance)
     placement = _placement(model, cfg)

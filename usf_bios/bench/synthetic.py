@@ -21,14 +21,24 @@ def example_lengths(n: int, max_len: int, seed: int) -> list[int]:
     return [min(max_len, max(low, round(rng.lognormvariate(mu, SIGMA)))) for _ in range(n)]
 
 
-def synthetic_examples(n: int, max_len: int, vocab_size: int, seed: int) -> list[TokenizedExample]:
+def workload_examples(workload: str, n: int, max_len: int, vocab_size: int, seed: int) -> list[TokenizedExample]:
+    """``packed``: ``synthetic_examples``; ``full-rows``: ``n`` examples of exactly ``max_len`` random tokens."""
+    if workload == "packed":
+        return synthetic_examples(n, max_len, vocab_size, seed)
+    if workload != "full-rows":
+        raise ValueError(f"unknown workload {workload!r}: packed or full-rows")
+    return synthetic_examples(n, max_len, vocab_size, seed, lengths=[max_len] * n)
+
+
+def synthetic_examples(n: int, max_len: int, vocab_size: int, seed: int, *,
+                       lengths: list[int] | None = None) -> list[TokenizedExample]:
     """``n`` examples of random token ids in [0, vocab_size), every position trained (text continuation).
 
     ``targets[t] = input_ids[t + 1]`` and the last position predicts nothing, as ``encode_example`` builds them.
     """
     generator = torch.Generator().manual_seed(seed)
     examples = []
-    for i, length in enumerate(example_lengths(n, max_len, seed)):
+    for i, length in enumerate(lengths if lengths is not None else example_lengths(n, max_len, seed)):
         ids = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
         examples.append(TokenizedExample(ids, ids[1:] + [IGNORE], truncated=False, line=i + 1))
     return examples

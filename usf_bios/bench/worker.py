@@ -1,5 +1,5 @@
 """One side of one benchmark configuration, in its own process (so each starts with an empty GPU and its own
-kernels): ``python -m usf_bios.bench.worker CONFIG SIDE OUT.json``. SIDE is ``ours``, ``baseline`` or ``context``.
+kernels): ``python -m usf_bios.bench.worker CONFIG SIDE OUT.json``. SIDE is ``ours``, ``hf`` (``baseline``), ``hf-best``, ``unsloth``, ``unsloth-nockpt`` or ``context``.
 
 Writes ``{"side", "config", "gpu", "torch", "measurement" | "context", "notes", "error"}`` to OUT.json; an error
 (out of memory included) is written, not raised, so the runner can report it beside the other side's numbers.
@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 
-from usf_bios.bench.configs import get_config
+from usf_bios.bench.configs import MODEL_SHAPES, get_config, workload_config
+from usf_bios.bench.measure import Measurement
 from usf_bios.bench.models import build_model
-from usf_bios.bench.synthetic import synthetic_examples
+from usf_bios.bench.ours import step_rows
+from usf_bios.bench.peers import PEERS, UNSLOTH_PLANS, run_hf_best, run_unsloth, save_model_folder, unsloth_missing
+from usf_bios.bench.synthetic import workload_examples
 from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.spec import Performance
 
@@ -39,26 +42,61 @@ def hold_beyond(device: torch.device, gpu_memory_gb: float) -> torch.Tensor:
     return torch.empty(extra, dtype=torch.uint8, device=device)
 
 
+SIDES = ("ours", "hf", "baseline", "context", *PEERS)   # "baseline" is the old name of "hf"
+MODEL_FOLDERS = Path(tempfile.gettempdir()) / "usf-bench-models"
+
+
+def _vocab(cfg: Any) -> int:  # the vocabulary of the config's model shape
+    return int(MODEL_SHAPES[cfg.model]["vocab_size"])
+
+
+def _without_held(measurement: Measurement, held: int) -> Measurement:
+    """The peak without the memory held aside for a smaller card."""
+    measurement.peak_memory_gb = max(measurement.peak_memory_gb - held / 1e9, 0.0)
+    return measurement
+
+
 def run_side(config_name: str, side: str, performance: Performance, *, layers: int | None = None,
              context_start: int = 32_768, context_limit: int = 524_288, context_resolution: int = 8_192,
-             gpu_memory_gb: float | None = None) -> dict[str, Any]:
-    cfg = get_config(config_name)
+             gpu_memory_gb: float | None = None, workload: str = "packed") -> dict[str, Any]:
+    cfg = workload_config(get_config(config_name), workload)
     device = _device()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
-    result: dict[str, Any] = {"side": side, "config": cfg.name, "torch": torch.__version__,
+    result: dict[str, Any] = {"side": side, "config": cfg.name, "workload": workload, "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "notes": [], "error": None}
     started = time.perf_counter()
     try:
+        if side not in SIDES:
+            raise ValueError(f"unknown side {side!r}: {', '.join(SIDES)}")
+        if side in UNSLOTH_PLANS and (why := unsloth_missing()):
+            result["error"] = f"not run: {why}"
+            result["missing"] = True
+            result["seconds"] = 0.0
+            return result
         held = 0
         if gpu_memory_gb:
-            if side != "context" or device.type != "cuda":
-                raise ValueError("--gpu-memory-gb applies to the context search on a GPU")
+            if device.type != "cuda":
+                raise ValueError("--gpu-memory-gb needs a GPU")
             card = hold_beyond(device, gpu_memory_gb)
             held = card.numel()
-            result["notes"].append(f"searched as on a {gpu_memory_gb:g} GB card: {held / 1e9:.2f} GB of this card held "
+            result["notes"].append(f"run as on a {gpu_memory_gb:g} GB card: {held / 1e9:.2f} GB of this card held "
                                    "aside (left out of the peaks)")
         torch.manual_seed(cfg.seed)
+        if side in UNSLOTH_PLANS:
+            examples = workload_examples(workload, cfg.num_examples, cfg.seq_len, _vocab(cfg), cfg.seed)
+            folder = MODEL_FOLDERS / cfg.model
+            if not (folder / "config.json").exists():
+                built = build_model(cfg.model, "none", device, torch.bfloat16)
+                save_model_folder(built, folder)
+                del built
+                torch.cuda.empty_cache()
+                result["notes"].append(f"model folder saved in {time.perf_counter() - started:.1f} s")
+            measurement, notes = run_unsloth(folder, cfg, step_rows(examples, cfg), side)
+            result["notes"] += notes
+            result["measurement"] = _without_held(measurement, held).to_dict()
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            return result
         model = build_model(cfg.model, cfg.quantization, device, dtype, layers=layers)
         vocab = model.config.vocab_size
         result["notes"].append(f"model built in {time.perf_counter() - started:.1f} s")
@@ -78,20 +116,21 @@ def run_side(config_name: str, side: str, performance: Performance, *, layers: i
                                                 log=lambda line: print(line, flush=True))
             result["context"]["layers"] = layers or model.config.num_hidden_layers
         else:
-            examples = synthetic_examples(cfg.num_examples, cfg.seq_len, vocab, cfg.seed)
-            if side == "baseline":
+            examples = workload_examples(workload, cfg.num_examples, cfg.seq_len, vocab, cfg.seed)
+            if side in ("hf", "baseline"):
                 from usf_bios.bench.baseline import run_baseline
 
                 measurement = run_baseline(model, examples, cfg)
-            elif side == "ours":
+            elif side == "hf-best":
+                measurement, notes = run_hf_best(model, cfg, examples, examples_per_step=cfg.examples_per_step)
+                result["notes"] += notes
+            else:
                 from usf_bios.bench.ours import run_ours
 
                 with tempfile.TemporaryDirectory(prefix="usf-bench-") as workdir:
                     measurement, notes = run_ours(model, examples, cfg, performance, Path(workdir))
                 result["notes"] += notes
-            else:
-                raise ValueError(f"unknown side {side!r}: ours, baseline or context")
-            result["measurement"] = measurement.to_dict()
+            result["measurement"] = _without_held(measurement, held).to_dict()
     except torch.OutOfMemoryError as err:
         result["error"] = f"out of GPU memory: {str(err).splitlines()[0]}"
     except Exception as err:  # reported beside the other side's numbers
@@ -104,7 +143,7 @@ def run_side(config_name: str, side: str, performance: Performance, *, layers: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m usf_bios.bench.worker")
     parser.add_argument("config")
-    parser.add_argument("side", choices=("ours", "baseline", "context"))
+    parser.add_argument("side", choices=SIDES)
     parser.add_argument("out", type=Path)
     parser.add_argument("--performance", default="{}", help="JSON of spec.performance fields for our side")
     parser.add_argument("--layers", type=int, default=None, help="Build only this many decoder layers (a probe)")
@@ -112,14 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-limit", type=int, default=524_288)
     parser.add_argument("--context-resolution", type=int, default=8_192)
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
-                        help="Search the context as on a card with this much memory (decimal GB)")
+                        help="Run as on a card with this much memory (decimal GB); the rest is held aside")
+    parser.add_argument("--workload", choices=("packed", "full-rows"), default="packed")
     args = parser.parse_args(argv)
-    if args.side != "baseline":  # the engine's own allocator setting; the baseline runs as Hugging Face users run it
+    if args.side in UNSLOTH_PLANS and unsloth_missing() is None:
+        import unsloth  # noqa: F401  - before transformers, as Unsloth asks (it patches transformers on import)
+    if args.side in ("ours", "context"):  # the engine's own allocator setting; the peers run as their users run them
         prefer_expandable_segments()
     performance = Performance.model_validate(json.loads(args.performance))
     result = run_side(args.config, args.side, performance, layers=args.layers, context_start=args.context_start,
                       context_limit=args.context_limit, context_resolution=args.context_resolution,
-                      gpu_memory_gb=args.gpu_memory_gb)
+                      gpu_memory_gb=args.gpu_memory_gb, workload=args.workload)
     args.out.write_text(json.dumps(result, indent=1))
     if result["error"]:
         print(f"{args.config} {args.side}: {result['error']}", file=sys.stderr)

@@ -15,7 +15,11 @@ The arithmetic is the same products, summed in another order (the scale is appli
 sum is rounded once instead of twice), so losses and gradients agree with peft's path to rounding; a test holds
 them together. Layers this does not cover (dropout, DoRA and other variants, a LoRA bias, several active
 adapters, merged or disabled adapters, extra forward arguments) keep peft's own forward, decided on every call.
-A quantized base layer (bitsandbytes) keeps its own product; only the adapter part is fused onto its output.
+A 4-bit base layer (bitsandbytes NF4/FP4) and its adapter are one function too (``_LoraLinear4bit``): its weight
+is dequantized once for the forward product and, in a recomputed layer, kept from the recomputed forward for the
+backward product (two dequantizations a step instead of three, and none of bitsandbytes' own autograd function
+around them). Other base layers (8-bit, unknown types) keep their own product; only the adapter part is fused onto
+their output.
 """
 
 from __future__ import annotations
@@ -104,6 +108,78 @@ class _LoraAdd(torch.autograd.Function):
         return (grad_base, grad_x, grad_a, grad_b, None, None, None, None)
 
 
+def _dequantize_4bit(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+
+
+class _LoraLinear4bit(torch.autograd.Function):
+    """out = x Wᵀ + bias + (x Aᵀ) (scaling · B)ᵀ for a frozen 4-bit (bitsandbytes NF4/FP4) W: the LoRA layer and its
+    quantized projection as one function. W is dequantized once for the forward product; with ``keep`` (the layer
+    is recomputed, so this forward runs again right before its backward: the first, checkpointed forward keeps
+    nothing) the dequantized W is kept for the backward product instead of being dequantized a third time, one
+    layer's weights at a time. Without ``keep`` (a layer that keeps its activations) only the packed W is kept and
+    the backward dequantizes it again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype, a: torch.Tensor,
+                b_scaled: torch.Tensor, keep: bool) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            w = _dequantize_4bit(packed, quant_state, dtype)
+            out = F.linear(flat, w, None if bias is None else bias.to(dtype))
+            h = flat @ a.t()
+            out.addmm_(h, b_scaled.t())
+        if keep:
+            ctx.save_for_backward(flat, a, b_scaled, h, w)
+        else:
+            ctx.save_for_backward(flat, a, b_scaled, h)
+            ctx.packed, ctx.quant_state = packed, quant_state
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.dtype = scaling, x.shape, x.dtype, dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        flat, a, b, h = saved[:4]
+        with torch.autocast(flat.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+            g_h, grad_a, grad_b = _adapter_grads(ctx, g, flat, b, h, *ctx.needs_input_grad[4:6])
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                w = saved[4] if len(saved) > 4 else _dequantize_4bit(ctx.packed, ctx.quant_state, ctx.dtype)
+                grad_x = (g @ w).addmm_(g_h, a).view(ctx.x_shape).to(ctx.x_dtype)
+        ctx.packed = ctx.quant_state = None
+        return (grad_x, None, None, None, grad_a, grad_b, None, None, None, None, None)
+
+
+def _is_frozen_4bit(base: Any) -> bool:
+    """A bitsandbytes 4-bit linear layer with its quantized weight in place and nothing of it trained."""
+    weight = getattr(base, "weight", None)
+    if type(weight).__name__ != "Params4bit" or getattr(weight, "quant_state", None) is None:
+        return False
+    if not getattr(weight, "bnb_quantized", True) or weight.requires_grad:
+        return False
+    return base.bias is None or not base.bias.requires_grad
+
+
+def keep_dequantized_where_recomputed(model: torch.nn.Module, layers: list[torch.nn.Module], offload: bool) -> int:
+    """Mark the 4-bit LoRA layers inside recomputed decoder layers (``gradient_checkpointing`` set, or every layer
+    under ``offload``) to keep their dequantized weight from the recomputed forward for the backward pass; returns
+    how many were marked. The others dequantize again in the backward pass (see ``_LoraLinear4bit``)."""
+    count = 0
+    for layer in layers:
+        keep = offload or bool(getattr(layer, "gradient_checkpointing", False))
+        for module in layer.modules():
+            if "forward" in vars(module) and hasattr(module, "base_layer"):
+                module._usf_keep_dequantized = keep
+                count += keep
+    return count
+
+
 def _single_plain_adapter(layer: Any) -> str | None:
     """The one active adapter when this call can take the fused path, else None (peft's forward runs)."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -129,6 +205,9 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if type(base) is torch.nn.Linear and not base.weight.requires_grad and (
             base.bias is None or not base.bias.requires_grad):
         return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, dtype, a, b_scaled)
+    if _is_frozen_4bit(base):
+        return _LoraLinear4bit.apply(x, base.weight, base.weight.quant_state, base.bias, lora_a, lora_b, scaling, dtype,
+                                     a, b_scaled, getattr(self, "_usf_keep_dequantized", False))
     return _LoraAdd.apply(base(x), x, lora_a, lora_b, scaling, dtype, a, b_scaled)
 
 

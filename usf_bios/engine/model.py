@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from usf_bios.engine.attention import use_varlen_attention
-from usf_bios.engine.fused_lora import fuse_lora_layers
+from usf_bios.engine.fused_lora import fuse_lora_layers, keep_dequantized_where_recomputed
 from usf_bios.engine.loss import head_is_plain
 from usf_bios.engine.memory import activation_bytes_per_token, expandable_segments_active, free_gpu_bytes, tokens_per_pass
 from usf_bios.engine.offload import apply_checkpointing, decoder_layers
@@ -207,12 +207,20 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     pass_tokens = hp.batch_size * hp.max_seq_length
     per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
     if plan.merge_micro_batches:
-        merged = tokens_per_pass(len(decoder_layers(model)), per_token, free_gpu_bytes(model), pass_tokens,
+        layers = len(decoder_layers(model))
+        if plan.checkpointing == "all":  # every layer keeps its input for the pass, one layer its activations
+            text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+            layers, per_pass_token = 1, layers * text.hidden_size * dtype_bytes + per_token
+        else:
+            per_pass_token = per_token
+        merged = tokens_per_pass(layers, per_pass_token, free_gpu_bytes(model), pass_tokens,
                                  pass_tokens * hp.gradient_accumulation_steps)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
     recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, per_token, hp.lora_dropout,
                                                             dtype_bytes)
+    if plan.fused_lora and hp.quantization == "4bit":
+        keep_dequantized_where_recomputed(model, decoder_layers(model), plan.checkpointing == "offload")
     if plan.compile:
         compile_layers(model)
     notes.append(f"speed: {plan.describe()}; {recomputed} of {len(decoder_layers(model))} decoder layers recompute "

@@ -98,9 +98,16 @@ def plan_for(perf: Performance, hp: Hyperparameters, *, cuda: bool, liger: bool)
         checkpointing = perf.checkpointing
     if loss == "auto":
         loss = auto_loss(perf, hp, liger)
-    mergeable = cuda and attention == "varlen" and hp.packing and checkpointing in ("auto", "none")
+    # auto merges where no layer is recomputed by default; asked for (on), it also merges the passes of a plan that
+    # recomputes every layer (QLoRA's 'all'): fewer, longer passes, each layer's input kept for the whole pass
+    mergeable = cuda and attention == "varlen" and hp.packing
+    if perf.merge_micro_batches == "on":
+        mergeable = mergeable and checkpointing in ("auto", "none", "all")
+    else:
+        mergeable = mergeable and checkpointing in ("auto", "none")
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
-                    "needs a CUDA GPU, packing, varlen attention and checkpointing auto (or gradient checkpointing off)")
+                    "needs a CUDA GPU, packing, varlen attention and checkpointing auto or all (or gradient "
+                    "checkpointing off)")
     return SpeedPlan(
         merge_micro_batches=merge, compile=perf.compile == "on",
         attention=attention, loss=loss,
