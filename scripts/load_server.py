@@ -32,6 +32,7 @@ from usf_bios.bench.load import hammer, watch_events  # noqa: E402
 def start(home: Path, database_url: str | None, **extra: str) -> tuple[Server, httpx.Client]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("USF_")}
     env.update({"USF_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra})
+    home.mkdir(parents=True, exist_ok=True)
     if database_url:
         env["DATABASE_URL"] = database_url
     server = Server(home=home, env=env).start()
@@ -74,7 +75,8 @@ def main() -> None:
         async def watch() -> tuple:
             watchers = [watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", args.watch_seconds)
                         for _ in range(args.clients)]
-            probe = hammer("127.0.0.1", server.port, "/api/health", 5, int(args.watch_seconds * 4), timeout=10)
+            probe = hammer("127.0.0.1", server.port, "/api/health", 5, int(args.watch_seconds * 4), timeout=10,
+                           interval=0.25)   # 20 requests a second for the whole watch
             return await asyncio.gather(asyncio.gather(*watchers), probe)
 
         watches, health = asyncio.run(watch())

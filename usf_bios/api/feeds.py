@@ -33,7 +33,7 @@ class JobFeed:
     app: Any
     job_id: str
     offset: int = 0                              # where the next poll reads the events file from
-    status: JobStatusPublic | None = None
+    last_status: JobStatusPublic | None = None   # the newest status row sent
     final: bool = False
     subscribers: set[asyncio.Queue] = field(default_factory=set)
     task: asyncio.Task | None = None
@@ -47,8 +47,8 @@ class JobFeed:
                 for end, event in events:
                     self._publish((end, event))
                 self.offset = offset
-                if status is not None and status != self.status:
-                    self.status = status
+                if status is not None and status != self.last_status:
+                    self.last_status = status
                     self._publish(("status", status))
                 if status is None or status.status.is_terminal:
                     self.final = True
@@ -83,7 +83,7 @@ async def follow_job(app: Any, job_id: str, since: int) -> AsyncIterator[Item]:
     if feed is None or feed.final:
         feed = feeds[job_id] = JobFeed(app, job_id)
     queue: asyncio.Queue = asyncio.Queue()
-    caught_up_to, status = feed.offset, feed.status      # read and subscribed in one step of the event loop
+    caught_up_to, status = feed.offset, feed.last_status   # read and subscribed in one step of the event loop
     feed.subscribers.add(queue)
     if feed.task is None:
         feed.task = asyncio.create_task(feed.run())

@@ -71,9 +71,11 @@ def _request(path: str, host: str, key: str | None) -> bytes:
 
 
 async def _client(host: str, port: int, path: str, requests: int, key: str | None, timeout: float,
-                  result: LoadResult) -> None:
+                  result: LoadResult, interval: float) -> None:
     reader = writer = None
-    for _ in range(requests):
+    for number in range(requests):
+        if interval and number:
+            await asyncio.sleep(interval)
         started = time.perf_counter()
         try:
             if writer is None:
@@ -98,12 +100,13 @@ def _close(writer: asyncio.StreamWriter | None) -> None:
 
 
 async def hammer(host: str, port: int, path: str, clients: int, requests: int, key: str | None = None,
-                 timeout: float = 30.0) -> LoadResult:
-    """``clients`` concurrent keep-alive connections, ``requests`` GETs of ``path`` each, one after the other."""
+                 timeout: float = 30.0, interval: float = 0.0) -> LoadResult:
+    """``clients`` concurrent keep-alive connections, ``requests`` GETs of ``path`` each, one after the other
+    (``interval`` seconds apart: a probe spread over a while rather than a burst)."""
     _check_loopback(host)
     result = LoadResult()
     started = time.perf_counter()
-    await asyncio.gather(*(_client(host, port, path, requests, key, timeout, result) for _ in range(clients)))
+    await asyncio.gather(*(_client(host, port, path, requests, key, timeout, result, interval) for _ in range(clients)))
     result.seconds = time.perf_counter() - started
     return result
 
