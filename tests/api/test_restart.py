@@ -43,15 +43,18 @@ def test_server_sigkill_with_two_running_jobs(make_server, tmp_path):
     first.stop(signal.SIGKILL)
     [lost_pid] = engine_pids(lost["id"])
     os.killpg(lost_pid, signal.SIGKILL)  # this one's process dies with the server
-    assert len(engine_pids(kept["id"])) == 1
+    [kept_pid] = engine_pids(kept["id"])
+    os.kill(kept_pid, signal.SIGSTOP)    # paused while no server runs, so it is still running when the next one looks
 
     second = make_server(USF_MAX_CPU_JOBS="2")
     second.port = first.port
     second.start()
     with second.client() as client:
         # the kept engine is followed again while it still runs; the lost one is started again, once
+        time.sleep(1.0)                  # a few scheduler ticks (USF_POLL_INTERVAL_S is 0.2 s)
         followed = client.get(f"/jobs/{kept['id']}").json()
         assert followed["status"] == "running" and followed["attempts"] == 1, followed
+        os.kill(kept_pid, signal.SIGCONT)
         wait_for(client, lost["id"], lambda j: j["attempts"] == 2 and j["status"] == "running", timeout=120)
         for job in (kept, lost):
             assert len(engine_pids(job["id"])) <= 1, "at most one engine per job"
