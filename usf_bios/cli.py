@@ -112,6 +112,24 @@ def serve(
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
+@app.command()
+def worker(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+) -> None:
+    """Run the GPU worker: the /training/* contract for a control plane (needs GPU_CLUSTER_API_KEY)."""
+    import uvicorn
+
+    from usf_bios.worker.app import WorkerKeyMissing, create_worker_app
+
+    try:
+        application = create_worker_app(get_settings())
+    except WorkerKeyMissing as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
 @keys_app.command("create")
 def create_key_cmd(
     name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],

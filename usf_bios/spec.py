@@ -109,9 +109,10 @@ class Performance(_Strict):
 class GpuConfig(_Strict):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
     gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
-    executor: Literal["default", "local"] = Field(
+    executor: Literal["default", "local", "remote"] = Field(
         "default", description="Where the job runs: default = the server's USF_EXECUTOR; local = a process on the "
-        "server's host. How a job is run, not what it learns: left out of the resume check.")
+        "server's host; remote = the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL. How a job is run, not "
+        "what it learns: left out of the resume check.")
 
 
 class JobSpec(_Strict):

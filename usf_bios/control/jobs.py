@@ -64,12 +64,16 @@ def executor_for(spec: JobSpec, settings: Settings) -> str:
 def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
     """Lock the spec (with the model folder and dataset file it resolves to) and queue the job."""
     model, dataset = resolve_references(session=session, caller=caller, spec=spec)
+    executor = executor_for(spec, settings)
+    if executor == "remote" and not (settings.gpu_cluster_api_url and settings.gpu_cluster_api_key):
+        raise Invalid("gpu_config.executor", "this server has no remote worker (set GPU_CLUSTER_API_URL and "
+                                             "GPU_CLUSTER_API_KEY)")
     locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
     job_id = create_job(locked, layout)
     job = Job(id=job_id, name=spec.name, status=JobStatus.QUEUED.value, spec=locked.model_dump(mode="json"),
               request=spec.model_dump(mode="json"), model_id=model.id, dataset_id=dataset.id,
               num_gpus=spec.gpu_config.num_gpus, max_attempts=settings.max_attempts, owner_key_id=caller.owner,
-              executor=executor_for(spec, settings), metrics={})
+              executor=executor, metrics={})
     session.add(job)
     session.commit()
     return job

@@ -30,11 +30,21 @@ log = logging.getLogger("usf_bios.scheduler")
 ACTIVE = [s.value for s in JobStatus if s.is_active]
 
 
+def configured_executors(layout: StorageLayout, settings: Settings) -> dict[str, Executor]:
+    """``local`` always; ``remote`` when GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY name a worker."""
+    executors: dict[str, Executor] = {"local": LocalExecutor(layout, settings)}
+    if settings.gpu_cluster_api_url and settings.gpu_cluster_api_key:
+        from usf_bios.control.executors.remote import RemoteExecutor
+
+        executors["remote"] = RemoteExecutor(layout, settings)
+    return executors
+
+
 class Scheduler:
     def __init__(self, db: Database, layout: StorageLayout, settings: Settings,
                  executors: dict[str, Executor] | None = None):
         self.db, self.layout, self.settings = db, layout, settings
-        self.executors: dict[str, Executor] = executors or {"local": LocalExecutor(layout, settings)}
+        self.executors: dict[str, Executor] = executors or configured_executors(layout, settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

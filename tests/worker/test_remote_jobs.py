@@ -1,0 +1,105 @@
+"""A job submitted to the control plane trains on a remote worker: two real servers on loopback with separate
+USF_HOMEs, the tiny model on the CPU. Its chart points arrive (through callbacks, or by polling when callbacks
+cannot), the adapter lands in the control plane's output folder and plain peft loads it; a worker killed
+mid-job finishes it from its checkpoint after a restart, without a step twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.api.flows import final, job_spec, submit, wait_for
+from tests.worker.conftest import prepare
+
+STEPS = 8
+
+
+def remote_spec(model: str, dataset: str, **hp) -> dict:
+    spec = job_spec(model, dataset, name="remote-job", max_steps=STEPS, save_steps=3, eval_steps=4, **hp)
+    spec["gpu_config"]["executor"] = "remote"
+    return spec
+
+
+def check_finished(control, job: dict) -> None:
+    assert job["status"] == "completed", job
+    with control.client() as client:
+        points = client.get(f"/jobs/{job['id']}/metrics").json()
+    assert [p["step"] for p in points] == list(range(1, STEPS + 1))
+    assert all(p["loss"] is not None and p["tokens"] for p in points)
+    output = control.home / "data" / "output" / job["id"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "README.md"):
+        assert (output / name).is_file(), sorted(p.name for p in output.iterdir())
+    log = json.loads((output / "training_log.json").read_text())
+    steps = [point["step"] for point in (log["points"] if isinstance(log, dict) else log)]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def load_with_peft(control, job_id: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(control.home / "models" / "test--tiny", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, control.home / "data" / "output" / job_id)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def receipts(control) -> int:
+    with sqlite3.connect(control.home / "data" / "usf.db") as db:
+        return db.execute("SELECT count(*) FROM callback_receipts").fetchone()[0]
+
+
+def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make_control, tmp_path, tiny_template):
+    worker = make_worker().start()
+    control = make_control(worker).start()
+    model, dataset = prepare(control, tmp_path, tiny_template)
+    with control.client() as client:
+        job = submit(client, remote_spec(model, dataset))
+        running = wait_for(client, job["id"], lambda j: j["current_step"] >= 1 or final(j), timeout=240)
+        assert running["executor"] == "remote"
+        done = wait_for(client, job["id"], final, timeout=300)
+    check_finished(control, done)
+    assert receipts(control) >= 2, "no callback was applied"
+    load_with_peft(control, done["id"])
+    # the worker trained it: its own storage holds the job, the control plane's holds no engine log of its own
+    assert list((worker.home / "data" / "output").iterdir())
+    assert "usf_bios.engine.run" not in control.home.joinpath("server.log").read_text()
+
+
+def test_polling_completes_the_job_when_callbacks_never_arrive(make_worker, make_control, tmp_path, tiny_template):
+    worker = make_worker().start()
+    # the control plane names a callback URL that nothing answers (its public URL points elsewhere for callbacks)
+    control = make_control(worker, USF_CALLBACK_SECRET="another-secret-so-every-callback-is-refused").start()
+    model, dataset = prepare(control, tmp_path, tiny_template)
+    with control.client() as client:
+        job = submit(client, remote_spec(model, dataset))
+        done = wait_for(client, job["id"], final, timeout=300)
+    check_finished(control, done)
+    assert receipts(control) == 0
+    assert "callback" in worker.log()
+
+
+def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, make_control, tmp_path, tiny_template):
+    worker = make_worker().start()
+    control = make_control(worker).start()
+    model, dataset = prepare(control, tmp_path, tiny_template)
+    with control.client() as client:
+        job = submit(client, remote_spec(model, dataset, max_steps=STEPS))
+        wait_for(client, job["id"], lambda j: j["current_step"] >= 4 or final(j), timeout=240)
+        worker.stop(signal.SIGKILL)            # the worker process; its engine process is killed too
+        from tests.api.conftest import kill_engines
+        kill_engines(worker.home)
+        time.sleep(1)
+        worker.start()
+        done = wait_for(client, job["id"], final, timeout=300)
+    check_finished(control, done)
+    worker_log = next((worker.home / "data" / "logs").glob("*.log")).read_text()
+    assert "resuming from checkpoint-" in worker_log
+    events = [json.loads(line) for line in next((worker.home / "data" / "logs").glob("*.events.jsonl")).read_text().splitlines() if line.strip()]
+    steps = [e["step"] for e in events if e["type"] == "metric"]
+    assert sorted(set(steps)) == list(range(1, STEPS + 1))

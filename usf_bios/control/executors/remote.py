@@ -1,0 +1,309 @@
+"""Remote executor: jobs run on a GPU worker (`usf-bios worker`, the /training/* contract) that shares no disk with
+this server.
+
+``start`` offers the job's dataset at a signed, expiring URL of this server and submits the job (idempotent on
+the job id, so a second start after an interruption finds the same remote job). The worker's typed events are
+mirrored into the job's own events file here — from its callbacks as they arrive (``receive``) and from polling
+/training/events every USF_REMOTE_POLL_S as the fallback — so the follower, the live chart, SSE, compare and the
+training log read remote jobs exactly as local ones. Before the ``done`` event of a completed job is mirrored,
+the artifact (a tar of the worker's output folder) is downloaded into ``data/output/{job_id}/`` and its sha256
+checked. A worker that does not answer for USF_REMOTE_TIMEOUT_S makes the job's poll report it gone: the
+scheduler then marks it interrupted and starts it again (up to USF_MAX_ATTEMPTS), which resubmits it.
+
+The handle of a remote job is its job id here; what the executor knows of it (the worker's external_job_id and
+how far its events were mirrored) is kept in ``logs/{job_id}.remote.json``, so a restarted server continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from usf_bios.control.executors.base import Progress, Resources
+from usf_bios.engine.events import DoneEvent, read_events
+from usf_bios.engine.jobdir import locked_spec
+from usf_bios.settings import Settings
+from usf_bios.signing import sign_url_path, stored_secret
+from usf_bios.status import JobStatus
+from usf_bios.storage import StorageLayout, confine
+from usf_bios.worker.contract import (CallbackBody, EventsPage, RemoteJobStatus, SequencedEvent, SubmitAccepted,
+                                      submit_payload)
+
+log = logging.getLogger("usf_bios.remote")
+ALIVE = ("queued", "running")
+ARTIFACT_SKIP = {"job.yaml"}   # this server's locked spec stays; the worker's names its own paths
+
+
+class RemoteRefused(OSError):
+    """The worker refused the submit (its message says why); the job fails with it."""
+
+
+def signing_secret(settings: Settings) -> str:
+    return settings.signing_secret or stored_secret(settings.usf_home / "secrets" / "url-signing.key")
+
+
+def public_url(settings: Settings) -> str:
+    return (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+
+
+def signed_dataset_url(settings: Settings, dataset_id: str, now: float | None = None) -> str:
+    """``{public}/api/datasets/{id}/blob?expires=…&sig=…``: that one file, without a key, until it expires."""
+    path = f"/api/datasets/{dataset_id}/blob"
+    expires = int((time.time() if now is None else now) + settings.signed_url_ttl_s)
+    return f"{public_url(settings)}{path}?expires={expires}&sig={sign_url_path(signing_secret(settings), path, expires)}"
+
+
+@dataclass
+class RemoteJob:
+    """What this server knows of one remote job (kept in its sidecar file)."""
+
+    external_id: str | None = None
+    cursor: int = 0               # the worker's sequence number mirrored so far
+    done: bool = False            # a done event has been mirrored
+    status: RemoteJobStatus | None = None
+    last_poll: float = 0.0
+    last_answer: float = field(default_factory=time.monotonic)
+    nudged: bool = True
+    cancel_sent: int = 0          # 1: cancel sent; 2: sent again once the grace period ran out
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RemoteExecutor:
+    name = "remote"
+
+    def __init__(self, layout: StorageLayout, settings: Settings, client: httpx.Client | None = None):
+        if not settings.gpu_cluster_api_url or not settings.gpu_cluster_api_key:
+            raise ValueError("the remote executor needs GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY")
+        self.layout, self.settings = layout, settings
+        self.url = settings.gpu_cluster_api_url.rstrip("/")
+        self.client = client or httpx.Client(base_url=self.url, timeout=30, trust_env=False,
+                                             headers={"Authorization": f"Bearer {settings.gpu_cluster_api_key}"})
+        self._jobs: dict[str, RemoteJob] = {}
+        self._jobs_lock = threading.Lock()
+
+    # -- the interface ------------------------------------------------------------------------------
+    def resources(self) -> Resources:
+        # the worker places jobs on its own GPUs and queues what does not fit; it refuses what it cannot run
+        return Resources(gpus=1024, cpu_slots=1024)
+
+    def start(self, job_id: str, gpu_ids: list[int]) -> str:
+        job = self._job(job_id)
+        with job.lock:
+            try:
+                self._submit(job_id, job)
+            except httpx.HTTPError as err:   # unreachable now: the poll submits again until the timeout
+                log.warning("job %s: the worker at %s did not take the submit (%s); trying again", job_id, self.url, err)
+        return job_id
+
+    def poll(self, handle: str | None, cursor: int, job_id: str) -> Progress:
+        job = self._job(job_id)
+        now = time.monotonic()
+        if job.nudged or now - job.last_poll >= self.settings.remote_poll_s:
+            with job.lock:
+                self._pull(job_id, job)
+        events, cursor = read_events(self.mirror(job_id), cursor)
+        answered_lately = time.monotonic() - job.last_answer < self.settings.remote_timeout_s
+        alive = handle is not None and not job.done and answered_lately
+        return Progress(events=events, cursor=cursor, alive=alive)
+
+    def cancel(self, handle: str, kill: bool) -> None:
+        job = self._job(handle)
+        want = 2 if kill else 1
+        if job.external_id is None or job.cancel_sent >= want:
+            return
+        try:
+            self.client.post(f"/training/cancel/{job.external_id}").raise_for_status()
+            job.cancel_sent = want
+        except httpx.HTTPError as err:
+            log.warning("job %s: cancel not delivered to the worker (%s); trying again", handle, err)
+        job.nudged = True
+
+    def describe(self, handle: str | None) -> str:
+        job = self._jobs.get(handle or "")
+        where = f"worker {self.url}"
+        return f"{where} job {job.external_id}" if job and job.external_id else where
+
+    def forget(self, handle: str) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(handle, None)
+
+    # -- callbacks ----------------------------------------------------------------------------------
+    def receive(self, job_id: str, body: CallbackBody) -> None:
+        """A callback's events, mirrored when they continue what is mirrored (else the next poll fetches them);
+        the job is looked at again at once."""
+        job = self._job(job_id)
+        with job.lock:
+            if job.external_id in (None, body.status.external_job_id):
+                job.status = body.status
+                job.last_answer = time.monotonic()
+                if body.after <= job.cursor:
+                    self._mirror(job_id, job, [e for e in body.events if e.seq > job.cursor])
+            job.nudged = True
+
+    def remote_status(self, job_id: str) -> RemoteJobStatus | None:
+        job = self._jobs.get(job_id)
+        return job.status if job else None
+
+    # -- inside -------------------------------------------------------------------------------------
+    def mirror(self, job_id: str) -> Path:
+        return self.layout.job_events(job_id)
+
+    def _sidecar(self, job_id: str) -> Path:
+        return confine(self.layout.logs, f"{job_id}.remote.json")
+
+    def _job(self, job_id: str) -> RemoteJob:
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                job = RemoteJob()
+                path = self._sidecar(job_id)
+                if path.is_file():
+                    saved = json.loads(path.read_text())
+                    job.external_id, job.cursor, job.done = saved.get("external_job_id"), saved.get("cursor", 0), saved.get("done", False)
+                self._jobs[job_id] = job
+            return job
+
+    def _save(self, job_id: str, job: RemoteJob) -> None:
+        path = self._sidecar(job_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"external_job_id": job.external_id, "cursor": job.cursor, "done": job.done,
+                                   "worker": self.url}))
+        tmp.replace(path)
+
+    def _submit(self, job_id: str, job: RemoteJob) -> None:
+        spec = locked_spec(job_id, self.layout)
+        dataset = Path(spec.dataset).resolve()
+        if not dataset.is_relative_to(self.layout.datasets.resolve()):
+            raise RemoteRefused(f"dataset {spec.dataset} is not a registered dataset; a worker can only fetch those")
+        dataset_id = dataset.relative_to(self.layout.datasets.resolve()).parts[0]
+        request = spec.model_copy(update={"base_model": portable_model_name(Path(spec.base_model), self.layout)})
+        callback = f"{public_url(self.settings)}/api/callbacks/training" if self.settings.callback_secret else None
+        payload = submit_payload(job_id, signed_dataset_url(self.settings, dataset_id), request, callback)
+        answer = self.client.post("/training/submit", json=payload)
+        if answer.status_code in (400, 401, 403, 404, 409, 413, 422):
+            raise RemoteRefused(f"the worker refused the job: {_detail(answer)}")
+        answer.raise_for_status()
+        external = SubmitAccepted.model_validate(answer.json()).external_job_id
+        if external != job.external_id:
+            job.external_id, job.cursor, job.done = external, 0, False
+        job.last_answer, job.nudged = time.monotonic(), True
+        self._save(job_id, job)
+        log.info("job %s submitted to %s as %s", job_id, self.url, external)
+
+    def _pull(self, job_id: str, job: RemoteJob) -> None:
+        job.last_poll, job.nudged = time.monotonic(), False
+        try:
+            if job.external_id is None:
+                self._submit(job_id, job)
+            status = RemoteJobStatus.model_validate(self._get(f"/training/status/{job.external_id}"))
+            job.status, job.last_answer = status, time.monotonic()
+            while True:
+                page = EventsPage.model_validate(self._get(f"/training/events/{job.external_id}",
+                                                           params={"after": job.cursor}))
+                if not page.events or not self._mirror(job_id, job, page.events):
+                    break
+            if status.status not in ALIVE and not job.done and not page.events:
+                # ended without a done event of its own (refused by the worker, cancelled before it started)
+                self._append(job_id, [DoneEvent(status=JobStatus(status.status),
+                                                error=status.error or f"the worker reports the job {status.status}")])
+                job.done = True
+                self._save(job_id, job)
+        except RemoteRefused as err:
+            self._append(job_id, [DoneEvent(status=JobStatus.FAILED, error=str(err))])
+            job.done = True
+            self._save(job_id, job)
+        except (httpx.HTTPError, ValueError) as err:
+            log.warning("job %s: the worker at %s did not answer (%s)", job_id, self.url, err)
+
+    def _get(self, path: str, **kwargs: object) -> dict:
+        answer = self.client.get(path, **kwargs)  # type: ignore[arg-type]
+        if answer.status_code == 404:
+            raise RemoteRefused(f"the worker does not know the job any more: {_detail(answer)}")
+        answer.raise_for_status()
+        return answer.json()
+
+    def _mirror(self, job_id: str, job: RemoteJob, events: list[SequencedEvent]) -> bool:
+        """Append the worker's events (in order) to the job's events file; stop before the done event of a
+        completed job until its artifact is here. True when every event was taken."""
+        taken, complete = [], True
+        for item in events:
+            event = item.typed()
+            if isinstance(event, DoneEvent) and event.status == JobStatus.COMPLETED and not self._fetch_artifact(job_id, job):
+                complete = False
+                break
+            taken.append(event)
+            job.cursor = item.seq
+            if isinstance(event, DoneEvent):
+                job.done = True
+                break
+        if taken:
+            self._append(job_id, taken)
+            self._save(job_id, job)
+        return complete and not job.done
+
+    def _append(self, job_id: str, events: list) -> None:
+        path = self.mirror(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(event.model_dump_json() + "\n" for event in events))
+
+    def _fetch_artifact(self, job_id: str, job: RemoteJob) -> bool:
+        """Download the completed job's tar, check its sha256 and unpack it into the job's output folder."""
+        status = job.status
+        if status is None or status.artifact is None:
+            status = RemoteJobStatus.model_validate(self._get(f"/training/status/{job.external_id}"))
+            job.status = status
+        if status.artifact is None:
+            return False
+        output = self.layout.job_output(job_id)
+        partial = self.layout.output / f"{job_id}.artifact.part"
+        digest = hashlib.sha256()
+        try:
+            with self.client.stream("GET", f"/training/artifacts/{job.external_id}") as answer:
+                answer.raise_for_status()
+                with partial.open("wb") as out:
+                    for chunk in answer.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            if digest.hexdigest() != status.artifact.sha256:
+                log.warning("job %s: the artifact's sha256 %s is not the worker's %s; fetching it again", job_id,
+                            digest.hexdigest(), status.artifact.sha256)
+                return False
+            with tarfile.open(partial) as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and m.name not in ARTIFACT_SKIP]
+                tar.extractall(output, members=members, filter="data")
+            log.info("job %s: artifact of %d bytes (sha256 %s…) in %s", job_id, status.artifact.size_bytes,
+                     status.artifact.sha256[:12], output)
+            return True
+        except (httpx.HTTPError, tarfile.TarError, OSError) as err:
+            log.warning("job %s: the artifact did not arrive (%s); trying again", job_id, err)
+            return False
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def portable_model_name(path: Path, layout: StorageLayout) -> str:
+    """The base model as a worker with its own disks finds it: ``org--name`` for a folder of USF_MODEL_PATH,
+    ``org/name`` for a Hugging Face cache snapshot, else the path itself (a volume both hosts mount)."""
+    resolved = path.resolve()
+    for root in (layout.models, layout.hf_hub_cache):
+        root = root.resolve()
+        if resolved.is_relative_to(root) and resolved != root:
+            first = resolved.relative_to(root).parts[0]
+            return first.removeprefix("models--").replace("--", "/", 1) if root == layout.hf_hub_cache.resolve() else first
+    return str(path)
+
+
+def _detail(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json().get("detail", answer.text))
+    except ValueError:
+        return answer.text[:500]
