@@ -19,24 +19,23 @@ from tests.worker.conftest import prepare
 STEPS = 8
 
 
-def remote_spec(model: str, dataset: str, **hp) -> dict:
-    spec = job_spec(model, dataset, name="remote-job", max_steps=STEPS, save_steps=3, eval_steps=4, **hp)
+def remote_spec(model: str, dataset: str, steps: int = STEPS) -> dict:
+    spec = job_spec(model, dataset, name="remote-job", max_steps=steps, save_steps=3, eval_steps=4)
     spec["gpu_config"]["executor"] = "remote"
     return spec
 
 
-def check_finished(control, job: dict) -> None:
+def check_finished(control, job: dict, steps: int = STEPS) -> None:
     assert job["status"] == "completed", job
     with control.client() as client:
         points = client.get(f"/jobs/{job['id']}/metrics").json()
-    assert [p["step"] for p in points] == list(range(1, STEPS + 1))
+    assert [p["step"] for p in points] == list(range(1, steps + 1))
     assert all(p["loss"] is not None and p["tokens"] for p in points)
     output = control.home / "data" / "output" / job["id"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "README.md"):
         assert (output / name).is_file(), sorted(p.name for p in output.iterdir())
     log = json.loads((output / "training_log.json").read_text())
-    steps = [point["step"] for point in (log["points"] if isinstance(log, dict) else log)]
-    assert steps == list(range(1, STEPS + 1))
+    assert [point["step"] for point in (log["points"] if isinstance(log, dict) else log)] == list(range(1, steps + 1))
 
 
 def load_with_peft(control, job_id: str) -> None:
@@ -73,7 +72,7 @@ def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make
 
 def test_polling_completes_the_job_when_callbacks_never_arrive(make_worker, make_control, tmp_path, tiny_template):
     worker = make_worker().start()
-    # the control plane names a callback URL that nothing answers (its public URL points elsewhere for callbacks)
+    # every callback the worker sends is refused (the two sides hold different secrets), so only polling is left
     control = make_control(worker, USF_CALLBACK_SECRET="another-secret-so-every-callback-is-refused").start()
     model, dataset = prepare(control, tmp_path, tiny_template)
     with control.client() as client:
@@ -81,7 +80,7 @@ def test_polling_completes_the_job_when_callbacks_never_arrive(make_worker, make
         done = wait_for(client, job["id"], final, timeout=300)
     check_finished(control, done)
     assert receipts(control) == 0
-    assert "callback" in worker.log()
+    assert '"POST /api/callbacks/training HTTP/1.1" 401' in control.home.joinpath("server.log").read_text()
 
 
 def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, make_control, tmp_path, tiny_template):
@@ -89,7 +88,7 @@ def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, ma
     control = make_control(worker).start()
     model, dataset = prepare(control, tmp_path, tiny_template)
     with control.client() as client:
-        job = submit(client, remote_spec(model, dataset, max_steps=STEPS))
+        job = submit(client, remote_spec(model, dataset, steps=60))
         wait_for(client, job["id"], lambda j: j["current_step"] >= 4 or final(j), timeout=240)
         worker.stop(signal.SIGKILL)            # the worker process; its engine process is killed too
         from tests.api.conftest import kill_engines
@@ -97,9 +96,9 @@ def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, ma
         time.sleep(1)
         worker.start()
         done = wait_for(client, job["id"], final, timeout=300)
-    check_finished(control, done)
+    check_finished(control, done, steps=60)
     worker_log = next((worker.home / "data" / "logs").glob("*.log")).read_text()
     assert "resuming from checkpoint-" in worker_log
     events = [json.loads(line) for line in next((worker.home / "data" / "logs").glob("*.events.jsonl")).read_text().splitlines() if line.strip()]
     steps = [e["step"] for e in events if e["type"] == "metric"]
-    assert sorted(set(steps)) == list(range(1, STEPS + 1))
+    assert sorted(set(steps)) == list(range(1, 61))
