@@ -65,6 +65,7 @@ def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make
     check_finished(control, done)
     assert receipts(control) >= 2, "no callback was applied"
     load_with_peft(control, done["id"])
+    check_receiver_refuses_what_it_must(control, done["id"], dataset)
     # the worker trained it: its own storage holds the job, the control plane's holds no engine log of its own
     assert list((worker.home / "data" / "output").iterdir())
     assert "usf_bios.engine.run" not in control.home.joinpath("server.log").read_text()
@@ -102,3 +103,50 @@ def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, ma
     events = [json.loads(line) for line in next((worker.home / "data" / "logs").glob("*.events.jsonl")).read_text().splitlines() if line.strip()]
     steps = [e["step"] for e in events if e["type"] == "metric"]
     assert sorted(set(steps)) == list(range(1, 61))
+
+
+def check_receiver_refuses_what_it_must(control, job_id: str, dataset_id: str) -> None:
+    """Callbacks with a wrong signature, a stale timestamp or a replayed event id change nothing; a signed
+    dataset URL opens its file only unaltered and unexpired."""
+    import httpx
+
+    from tests.worker.conftest import CALLBACK_SECRET
+    from usf_bios.signing import sign_callback, sign_url_path
+
+    with control.client() as client:
+        before = client.get(f"/jobs/{job_id}/metrics").json()
+    with sqlite3.connect(control.home / "data" / "usf.db") as db:
+        replayed = db.execute("SELECT event_id FROM callback_receipts WHERE job_id = ? LIMIT 1", (job_id,)).fetchone()[0]
+    external = replayed.split(":")[0]
+    forged_point = {"seq": 10**9, "event": {"type": "metric", "step": 1, "epoch": 0.1, "loss": 123.0, "learning_rate": 0.1}}
+
+    def callback(event_id: str, *, secret: str = CALLBACK_SECRET, t: int | None = None) -> httpx.Response:
+        body = json.dumps({"kind": "metrics", "event_id": event_id, "after": 0, "events": [forged_point],
+                           "status": {"external_job_id": external, "job_id": job_id, "status": "running"}}).encode()
+        headers = {"X-USF-Signature": sign_callback(secret, body, t), "X-USF-Event-Id": event_id,
+                   "Content-Type": "application/json"}
+        return httpx.post(control.url + "/api/callbacks/training", content=body, headers=headers)
+
+    assert callback("forged-1", secret="wrong-secret").status_code == 401
+    assert callback("forged-2", t=int(time.time()) - 600).status_code == 401
+    replay = callback(replayed)
+    assert replay.status_code == 200 and replay.json() == {"accepted": False}
+    no_signature = httpx.post(control.url + "/api/callbacks/training", json={"kind": "metrics"})
+    assert no_signature.status_code == 401
+    time.sleep(1.5)   # a scheduler tick or two
+    with control.client() as client:
+        assert client.get(f"/jobs/{job_id}/metrics").json() == before
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "completed"
+
+    secret = (control.home / "secrets" / "url-signing.key").read_text().strip()
+    path = f"/api/datasets/{dataset_id}/blob"
+    expires = int(time.time()) + 600
+    good = f"{control.url}{path}?expires={expires}&sig={sign_url_path(secret, path, expires)}"
+    assert httpx.get(good).status_code == 200 and b"messages" in httpx.get(good).content
+    past = int(time.time()) - 1
+    for url in (good.replace("sig=", "sig=0"), good.replace(f"expires={expires}", f"expires={expires + 1}"),
+                f"{control.url}/api/datasets/other{dataset_id}/blob?expires={expires}&sig={sign_url_path(secret, path, expires)}",
+                f"{control.url}{path}?expires={past}&sig={sign_url_path(secret, path, past)}", f"{control.url}{path}"):
+        answer = httpx.get(url)
+        assert answer.status_code == 401, (url, answer.text)
+    assert "sig=[redacted]" in control.home.joinpath("server.log").read_text()
