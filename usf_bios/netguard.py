@@ -112,6 +112,16 @@ def post_json(url: str, body: bytes, *, headers: dict[str, str], allowed_hosts: 
         return client.send(request).status_code
 
 
+def put_stream(url: str, body: Iterable[bytes], *, headers: dict[str, str], allowed_hosts: Iterable[str] = (),
+               timeout_s: float = 600.0) -> int:
+    """PUT a streamed body to ``url`` under the guard, following no redirect; the status code."""
+    pinned, host_header, server_name = _pinned(url, tuple(allowed_hosts))
+    with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+        request = client.build_request("PUT", pinned, content=body, extensions={"sni_hostname": server_name},
+                                       headers={**headers, "Host": host_header})
+        return client.send(request).status_code
+
+
 def fetch_to_file(url: str, dest: Path, *, max_bytes: int, allowed_hosts: Iterable[str] = (),
                   timeout_s: float = 60.0, headers: dict[str, str] | None = None,
                   on_progress: Callable[[int], None] | None = None) -> Fetched:

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     gpu_cluster_api_key: str | None = Field(
         None, validation_alias="GPU_CLUSTER_API_KEY", repr=False,
         description="The worker's bearer key: the control plane sends it, `usf-bios worker` requires it.")
+    remote_api: Literal["auto", "worker", "runpod"] = Field(
+        "auto", validation_alias="USF_REMOTE_API",
+        description="How GPU_CLUSTER_API_URL is spoken to: worker (the /training/* contract), runpod (RunPod's "
+                    "/run, /status, /cancel); auto: runpod for *.runpod.ai URLs, else worker.")
     callback_secret: str | None = Field(
         None, validation_alias="USF_CALLBACK_SECRET", repr=False,
         description="HMAC secret of the worker's callbacks (X-USF-Signature); the same on both sides.")
@@ -80,6 +84,8 @@ class Settings(BaseSettings):
     worker_trust_remote_code: bool = Field(
         False, validation_alias="USF_WORKER_TRUST_REMOTE_CODE",
         description="Let submits to this worker set trust_remote_code: true (the model's own Python code runs).")
+    max_artifact_mb: int = Field(20480, ge=1, validation_alias="USF_MAX_ARTIFACT_MB",
+                                 description="Largest artifact a RunPod handler may upload for a remote job.")
     max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
     cpu_threads_per_job: int | None = Field(
         None, ge=1, le=4096, validation_alias="USF_CPU_THREADS_PER_JOB",

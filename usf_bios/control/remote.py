@@ -34,6 +34,18 @@ def signed_dataset_file(*, session: Session, layout: StorageLayout, settings: Se
     return path, entry.filename
 
 
+def check_upload_url(*, session: Session, settings: Settings, job_id: str, expires: str | None,
+                     sig: str | None) -> Job:
+    """The remote job a signed artifact upload URL opens; BadSignature when altered or expired."""
+    problem = verify_url_path(signing_secret(settings), f"/api/jobs/{job_id}/artifact", expires, sig)
+    if problem:
+        raise BadSignature(problem)
+    job = session.get(Job, job_id)
+    if job is None or job.executor != "remote":
+        raise NotFound("remote job", job_id)
+    return job
+
+
 def accept_callback(*, session: Session, settings: Settings, signature: str | None, event_id: str | None,
                     raw: bytes) -> tuple[CallbackBody, bool]:
     """The callback's body and whether it is new (a replayed event id is not); BadSignature for a wrong or stale
