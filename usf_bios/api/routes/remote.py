@@ -16,7 +16,8 @@ router = APIRouter(tags=["remote worker"])
 
 
 @router.get("/datasets/{dataset_id}/blob", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 401: {"description": "bad or expired signature"}})
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                       401: {"description": "bad or expired signature"}})
 def dataset_blob(dataset_id: str, session: SessionDep, layout: LayoutDep, settings: SettingsDep,
                  expires: Annotated[str | None, Query()] = None, sig: Annotated[str | None, Query()] = None) -> FileResponse:
     """The dataset's file for a worker, through a signed, expiring URL (no API key)."""

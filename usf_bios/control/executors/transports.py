@@ -127,8 +127,8 @@ class RunPodTransport:
         else:
             status = RemoteJobStatus(external_job_id=external, job_id=job_id, status=status_word)  # type: ignore[arg-type]
         if status_word == "failed":
-            status.status = "failed"
-            status.error = status.error or str(state.get("error") or "the RunPod job failed")
+            status = status.model_copy(update={"status": "failed",
+                                               "error": status.error or str(state.get("error") or "the RunPod job failed")})
         events = [SequencedEvent.model_validate(e) for e in output.get("events", [])] if "events" in output else None
         return Snapshot(status, events, int(output.get("after", 0) or 0))
 
