@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.api.flows import final, job_spec, submit, wait_for
+from tests.web.conftest import browser, console, open_page  # noqa: F401  (the browser fixtures)
 from tests.worker.conftest import prepare
 
 STEPS = 8
@@ -53,7 +54,8 @@ def receipts(control) -> int:
         return db.execute("SELECT count(*) FROM callback_receipts").fetchone()[0]
 
 
-def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make_control, tmp_path, tiny_template):
+def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make_control, tmp_path, tiny_template,
+                                                               open_page):
     worker = make_worker().start()
     control = make_control(worker).start()
     model, dataset = prepare(control, tmp_path, tiny_template)
@@ -66,6 +68,28 @@ def test_a_job_trains_on_the_worker_and_its_adapter_comes_back(make_worker, make
     assert receipts(control) >= 2, "no callback was applied"
     load_with_peft(control, done["id"])
     check_receiver_refuses_what_it_must(control, done["id"], dataset)
+    check_the_ui_says_where_it_ran(control, worker, done["id"], open_page)
+
+
+def check_the_ui_says_where_it_ran(control, worker, job_id: str, open_page) -> None:
+    from playwright.sync_api import expect
+
+    with control.client() as client:
+        place = client.get(f"/jobs/{job_id}/placement").json()
+        system = client.get("/system").json()
+    assert place["executor"] == "remote" and worker.url in place["where"] and place["remote_status"] == "completed"
+    assert system["workers"] == [{"executor": "remote", "kind": "worker", "url": worker.url, "reachable": True,
+                                  "detail": system["workers"][0]["detail"]}]
+    assert "GPU(s)" in system["workers"][0]["detail"]
+    page = open_page(control.url)
+    page.goto(f"/jobs/{job_id}")
+    expect(page.locator("#job-where")).to_contain_text(f"Runs on worker {worker.url}")
+    expect(page.locator("#job-where")).to_contain_text("remote status: completed")
+    page.goto("/")
+    expect(page.locator("#workers")).to_contain_text("answers")
+    worker.stop()
+    page.reload()
+    expect(page.locator("#workers")).to_contain_text("unreachable")
     # the worker trained it: its own storage holds the job, the control plane's holds no engine log of its own
     assert list((worker.home / "data" / "output").iterdir())
     assert "usf_bios.engine.run" not in control.home.joinpath("server.log").read_text()

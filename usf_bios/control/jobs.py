@@ -3,8 +3,9 @@ points, checkpoints, log, the finished adapter). No HTTP here: failures are doma
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from sqlalchemy import func, select
@@ -17,7 +18,7 @@ from usf_bios.control.keys import Caller
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
 from usf_bios.control.models import find_model
 from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePublic, JobPublic, JobsPublic,
-                                      JobStatusPublic, MetricPointPublic)
+                                      JobStatusPublic, MetricPointPublic, PlacementPublic)
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
@@ -110,6 +111,17 @@ def find_jobs(*, session: Session, caller: Caller, statuses: Iterable[JobStatus]
     artifacts = {a.job_id: a for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(done)))} if done else {}
     return JobsPublic(items=[job_public(session, j, artifacts.get(j.id)) for j in jobs], total=total, limit=limit,
                       offset=offset)
+
+
+def job_placement(job: Job, executors: Mapping[str, Any]) -> PlacementPublic:
+    """Where ``job`` runs, in words, with a remote job's last remote status."""
+    executor = executors.get(job.executor)
+    if executor is None:
+        return PlacementPublic(executor=job.executor, where=f"{job.executor} (not configured on this server)")
+    remote = executor.remote_status(job.id) if hasattr(executor, "remote_status") else None
+    return PlacementPublic(executor=job.executor, where=executor.describe(job.handle or (job.id if remote else None)),
+                           remote_status=remote.status if remote else None, remote_stage=remote.stage if remote else None,
+                           remote_job_id=remote.external_job_id if remote else None)
 
 
 def job_status(job: Job) -> JobStatusPublic:

@@ -140,7 +140,7 @@ class RemoteExecutor:
         job.nudged = True
 
     def describe(self, handle: str | None) -> str:
-        job = self._jobs.get(handle or "")
+        job = self._known(handle or "")
         where = f"{'RunPod endpoint' if self.transport.kind == 'runpod' else 'worker'} {self.url}"
         return f"{where}, job {job.external_id}" if job and job.external_id else where
 
@@ -160,8 +160,31 @@ class RemoteExecutor:
             job.nudged = True
 
     def remote_status(self, job_id: str) -> RemoteJobStatus | None:
-        job = self._jobs.get(job_id)
+        job = self._known(job_id)
         return job.status if job else None
+
+    def _known(self, job_id: str) -> RemoteJob | None:
+        """What is known of a job, also after it was forgotten (from its sidecar), without creating anything."""
+        if job_id in self._jobs:
+            return self._jobs[job_id]
+        try:
+            path = self._sidecar(job_id)
+        except ValueError:
+            return None
+        if not path.is_file():
+            return None
+        job = self._job(job_id)
+        self.forget(job_id)   # only read: a final job is not kept in memory
+        return job
+
+    def health(self) -> dict[str, object]:
+        """Whether the remote side answers now (for /system), asked with a short timeout."""
+        base = {"executor": self.name, "kind": self.transport.kind, "url": self.url}
+        try:
+            answer = self.transport.health()
+        except (httpx.HTTPError, ValueError) as err:
+            return {**base, "reachable": False, "detail": f"no answer: {err or type(err).__name__}"}
+        return {**base, "reachable": True, "detail": answer}
 
     # -- inside -------------------------------------------------------------------------------------
     def mirror(self, job_id: str) -> Path:
@@ -179,6 +202,8 @@ class RemoteExecutor:
                 if path.is_file():
                     saved = json.loads(path.read_text())
                     job.external_id, job.cursor, job.done = saved.get("external_job_id"), saved.get("cursor", 0), saved.get("done", False)
+                    if saved.get("status"):
+                        job.status = RemoteJobStatus.model_validate(saved["status"])
                 self._jobs[job_id] = job
             return job
 
@@ -187,7 +212,8 @@ class RemoteExecutor:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"external_job_id": job.external_id, "cursor": job.cursor, "done": job.done,
-                                   "where": self.url, "api": self.transport.kind}))
+                                   "where": self.url, "api": self.transport.kind,
+                                   "status": job.status.model_dump(mode="json") if job.status else None}))
         tmp.replace(path)
 
     def _submit(self, job_id: str, job: RemoteJob) -> None:
@@ -216,6 +242,7 @@ class RemoteExecutor:
             assert job.external_id is not None
             snapshot: Snapshot = self.transport.snapshot(job.external_id, job_id)
             job.status, job.last_answer = snapshot.status, time.monotonic()
+            self._save(job_id, job)
             if snapshot.events is not None:
                 self._take(job_id, job, snapshot.events, snapshot.after)
             else:

@@ -36,6 +36,7 @@ class Transport(Protocol):
     def events(self, external: str, after: int) -> EventsPage | None: ...
     def cancel(self, external: str) -> None: ...
     def fetch_artifact(self, external: str, job_id: str, dest: Path) -> str: ...
+    def health(self) -> str: ...
 
 
 def _detail(answer: httpx.Response) -> str:
@@ -87,6 +88,12 @@ class WorkerTransport:
     def fetch_artifact(self, external: str, job_id: str, dest: Path) -> str:
         return _stream_to(self.client, f"/training/artifacts/{external}", dest)
 
+    def health(self) -> str:
+        answer = self.client.get("/health", timeout=3)
+        answer.raise_for_status()
+        body = answer.json()
+        return f"usf-bios worker {body.get('version', '?')}, {body.get('gpus', 0)} GPU(s)"
+
 
 RUNPOD_STATUS = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "completed", "FAILED": "failed",
                  "TIMED_OUT": "failed", "CANCELLED": "cancelled"}
@@ -137,6 +144,17 @@ class RunPodTransport:
 
     def cancel(self, external: str) -> None:
         _checked(self.client.post(f"/cancel/{external}"))
+
+    def health(self) -> str:
+        answer = self.client.get("/health", timeout=3)
+        if answer.status_code == 404:   # the SDK's local endpoint has no /health
+            answer = self.client.get("/openapi.json", timeout=3)
+            answer.raise_for_status()
+            return "RunPod SDK local endpoint"
+        answer.raise_for_status()
+        body = answer.json()
+        workers = body.get("workers", {}) if isinstance(body, dict) else {}
+        return f"RunPod endpoint, workers: {workers}" if workers else "RunPod endpoint"
 
     def fetch_artifact(self, external: str, job_id: str, dest: Path) -> str:
         uploaded = uploaded_artifact(self.artifact_dir, job_id)
