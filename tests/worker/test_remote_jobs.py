@@ -95,17 +95,27 @@ def check_the_ui_says_where_it_ran(control, worker, job_id: str, open_page) -> N
     assert "usf_bios.engine.run" not in control.home.joinpath("server.log").read_text()
 
 
-def test_polling_completes_the_job_when_callbacks_never_arrive(make_worker, make_control, tmp_path, tiny_template):
+def test_polling_alone_carries_a_job_through_cancel_and_resume(make_worker, make_control, tmp_path, tiny_template):
+    """Every callback is refused (the two sides hold different secrets): polling alone brings every point. A cancel
+    is forwarded to the worker (which checkpoints and stops), and a resume continues there from the checkpoint."""
     worker = make_worker().start()
-    # every callback the worker sends is refused (the two sides hold different secrets), so only polling is left
     control = make_control(worker, USF_CALLBACK_SECRET="another-secret-so-every-callback-is-refused").start()
     model, dataset = prepare(control, tmp_path, tiny_template)
     with control.client() as client:
-        job = submit(client, remote_spec(model, dataset))
+        job = submit(client, remote_spec(model, dataset, steps=40))
+        wait_for(client, job["id"], lambda j: j["current_step"] >= 4 or final(j), timeout=240)
+        assert client.post(f"/jobs/{job['id']}/cancel").status_code == 200
+        cancelled = wait_for(client, job["id"], final, timeout=120)
+        assert cancelled["status"] == "cancelled", cancelled
+        assert cancelled["current_step"] < 40
+        assert client.post(f"/jobs/{job['id']}/resume").status_code == 200
         done = wait_for(client, job["id"], final, timeout=300)
-    check_finished(control, done)
+    check_finished(control, done, steps=40)
     assert receipts(control) == 0
     assert '"POST /api/callbacks/training HTTP/1.1" 401' in control.home.joinpath("server.log").read_text()
+    worker_log = next((worker.home / "data" / "logs").glob("*.log")).read_text()
+    assert "resuming from checkpoint-" in worker_log
+    assert len(list((worker.home / "data" / "output").iterdir())) == 1   # the same remote job, continued
 
 
 def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, make_control, tmp_path, tiny_template):

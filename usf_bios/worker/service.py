@@ -119,10 +119,12 @@ class WorkerService:
             raise Invalid(field, str(err)) from None
 
     def submit(self, request: SubmitRequest) -> str:
-        """The external_job_id of the submit; the same job_id again returns the same one and starts nothing."""
+        """The external_job_id of the submit; the same job_id again returns the same one and starts no new job —
+        one that failed or was cancelled continues (from its newest checkpoint), as a resume does."""
         with self.db.session() as session:
             existing = session.scalar(select(WorkerSubmission).where(WorkerSubmission.job_id == request.job_id))
             if existing is not None:
+                self._continue(session, existing)
                 return existing.id
         spec = self.check(request)
         sub = WorkerSubmission(id=new_job_id(spec.name), job_id=request.job_id, state="fetching",
@@ -138,6 +140,22 @@ class WorkerService:
         log.info("accepted job %s as %s; fetching its dataset", request.job_id, sub.id)
         self._fetchers.submit(self._fetch, sub.id)
         return sub.id
+
+    def _continue(self, session, sub: WorkerSubmission) -> None:  # noqa: ANN001
+        """A submit again of a job that ended without completing: it goes on (a fetch again, or a resume)."""
+        if sub.state in ("failed", "cancelled"):
+            sub.state, sub.error, sub.finished_at, sub.callback_status = "fetching", None, None, None
+            session.commit()
+            self._fetchers.submit(self._fetch, sub.id)
+            return
+        job = session.get(Job, sub.id)
+        if job is not None and job.status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+            lifecycle.requeue(job, reset_attempts=True)
+            job.error = None
+            sub.callback_status = None
+            session.commit()
+            log.info("job %s submitted again: it continues from its newest checkpoint", sub.id)
+            self.scheduler.wake()
 
     def _fetch(self, external_id: str) -> None:
         """Fetch and check the dataset, then queue the job; a fault fails the submission with its reason."""

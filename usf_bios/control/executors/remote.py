@@ -75,7 +75,7 @@ class RemoteJob:
     external_id: str | None = None
     cursor: int = 0               # the remote sequence number mirrored so far
     done: bool = False            # a done event has been mirrored
-    status: RemoteJobStatus | None = None
+    reported: RemoteJobStatus | None = None   # what the remote side last said
     last_poll: float = 0.0
     last_answer: float = field(default_factory=time.monotonic)
     nudged: bool = True
@@ -112,6 +112,7 @@ class RemoteExecutor:
     def start(self, job_id: str, gpu_ids: list[int]) -> str:
         job = self._job(job_id)
         with job.lock:
+            job.done, job.cancel_sent, job.reported = False, 0, None   # a new attempt (first start, or a resume)
             try:
                 self._submit(job_id, job)
             except httpx.HTTPError as err:   # unreachable now: the poll submits again until the timeout
@@ -155,13 +156,13 @@ class RemoteExecutor:
         job = self._job(job_id)
         with job.lock:
             if job.external_id in (None, body.status.external_job_id):
-                job.status, job.last_answer = body.status, time.monotonic()
+                job.reported, job.last_answer = body.status, time.monotonic()
                 self._take(job_id, job, body.events, body.after)
             job.nudged = True
 
     def remote_status(self, job_id: str) -> RemoteJobStatus | None:
         job = self._known(job_id)
-        return job.status if job else None
+        return job.reported if job else None
 
     def _known(self, job_id: str) -> RemoteJob | None:
         """What is known of a job, also after it was forgotten (from its sidecar), without creating anything."""
@@ -203,7 +204,7 @@ class RemoteExecutor:
                     saved = json.loads(path.read_text())
                     job.external_id, job.cursor, job.done = saved.get("external_job_id"), saved.get("cursor", 0), saved.get("done", False)
                     if saved.get("status"):
-                        job.status = RemoteJobStatus.model_validate(saved["status"])
+                        job.reported = RemoteJobStatus.model_validate(saved["status"])
                 self._jobs[job_id] = job
             return job
 
@@ -213,7 +214,7 @@ class RemoteExecutor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"external_job_id": job.external_id, "cursor": job.cursor, "done": job.done,
                                    "where": self.url, "api": self.transport.kind,
-                                   "status": job.status.model_dump(mode="json") if job.status else None}))
+                                   "status": job.reported.model_dump(mode="json") if job.reported else None}))
         tmp.replace(path)
 
     def _submit(self, job_id: str, job: RemoteJob) -> None:
@@ -241,7 +242,7 @@ class RemoteExecutor:
                 self._submit(job_id, job)
             assert job.external_id is not None
             snapshot: Snapshot = self.transport.snapshot(job.external_id, job_id)
-            job.status, job.last_answer = snapshot.status, time.monotonic()
+            job.reported, job.last_answer = snapshot.status, time.monotonic()
             self._save(job_id, job)
             if snapshot.events is not None:
                 self._take(job_id, job, snapshot.events, snapshot.after)
@@ -295,7 +296,7 @@ class RemoteExecutor:
 
     def _fetch_artifact(self, job_id: str, job: RemoteJob) -> bool:
         """Bring the completed job's tar here, check its sha256 and unpack it into the job's output folder."""
-        status = job.status
+        status = job.reported
         if status is None or status.artifact is None:
             return False
         partial = self.layout.output / f"{job_id}.artifact.part"
