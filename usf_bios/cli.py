@@ -122,10 +122,11 @@ def worker(
     import uvicorn
 
     from usf_bios.worker.app import WorkerKeyMissing, create_worker_app
+    from usf_bios.worker.service import worker_settings
 
     log_to_stderr()
     try:
-        application = create_worker_app(get_settings())
+        application = create_worker_app(worker_settings())
     except WorkerKeyMissing as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -119,8 +119,10 @@ def test_polling_alone_carries_a_job_through_cancel_and_resume(make_worker, make
 
 
 def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, make_control, tmp_path, tiny_template):
+    """The worker is SIGKILLed with its engine and stays away longer than USF_REMOTE_TIMEOUT_S: the control plane
+    interrupts the job and submits it again; once the worker is back it resumes from its checkpoint."""
     worker = make_worker().start()
-    control = make_control(worker).start()
+    control = make_control(worker, USF_REMOTE_TIMEOUT_S="4", USF_MAX_ATTEMPTS="6").start()
     model, dataset = prepare(control, tmp_path, tiny_template)
     with control.client() as client:
         job = submit(client, remote_spec(model, dataset, steps=60))
@@ -128,10 +130,12 @@ def test_a_worker_killed_mid_job_finishes_it_from_its_checkpoint(make_worker, ma
         worker.stop(signal.SIGKILL)            # the worker process; its engine process is killed too
         from tests.api.conftest import kill_engines
         kill_engines(worker.home)
-        time.sleep(1)
+        wait_for(client, job["id"], lambda j: j["attempts"] >= 2 or final(j), timeout=60)
         worker.start()
         done = wait_for(client, job["id"], final, timeout=300)
     check_finished(control, done, steps=60)
+    assert done["attempts"] >= 2
+    assert "interrupted" in control.home.joinpath("server.log").read_text()
     worker_log = next((worker.home / "data" / "logs").glob("*.log")).read_text()
     assert "resuming from checkpoint-" in worker_log
     events = [json.loads(line) for line in next((worker.home / "data" / "logs").glob("*.events.jsonl")).read_text().splitlines() if line.strip()]

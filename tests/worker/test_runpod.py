@@ -33,12 +33,13 @@ def test_the_control_plane_runs_a_job_on_a_runpod_endpoint(tmp_path, tiny_templa
 
     rp_home = tmp_path / "runpod"
     rp_home.mkdir()
-    tiny_model_in(rp_home, tiny_template)
+    volume_models = tmp_path / "runpod-volume"   # the template's MODEL_PATH: the network volume's model folder
+    tiny_model_in(volume_models, tiny_template)
     port = free_port()
     log = (rp_home / "handler.log").open("ab")
     handler = subprocess.Popen([sys.executable, "-m", "usf_bios.worker.runpod_handler", "--rp_serve_api",
                                 "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-                               env=handler_env(rp_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               env=handler_env(rp_home, MODEL_PATH=str(volume_models / "models")), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     control = None
     try:
         deadline = time.monotonic() + 60

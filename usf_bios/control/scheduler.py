@@ -93,7 +93,7 @@ class Scheduler:
         if done is not None:
             self._finish(session, job, done)
         elif not progress.alive:
-            self._lost(job, progress.exit_code)
+            self._lost(job, progress.exit_code, progress.lost_reason)
         elif job.status == JobStatus.CANCELLING.value:
             requested = as_utc(job.cancel_requested_at) or datetime.now(timezone.utc)
             waited = (datetime.now(timezone.utc) - requested).total_seconds()
@@ -110,12 +110,12 @@ class Scheduler:
         else:
             lifecycle.mark_failed(job, done.error or "the engine reported a failure")
 
-    def _lost(self, job: Job, code: int | None) -> None:
+    def _lost(self, job: Job, code: int | None, why: str | None = None) -> None:
         """Nothing runs the job any more, and it never said how it ended."""
         if job.status == JobStatus.CANCELLING.value:
             lifecycle.mark_cancelled(job)
             return
-        reason = "the job's process ended without a word" + (f" (exit status {code})" if code is not None else "")
+        reason = why or "the job's process ended without a word" + (f" (exit status {code})" if code is not None else "")
         lifecycle.mark_interrupted(job, reason)
         if job.attempts < job.max_attempts:
             lifecycle.requeue(job)

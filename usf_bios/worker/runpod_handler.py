@@ -23,19 +23,12 @@ import httpx
 from pydantic import ValidationError
 
 from usf_bios.control.errors import DomainError
-from usf_bios.settings import Settings
 from usf_bios.worker.contract import SubmitRequest
+from usf_bios.worker.service import worker_settings
 
 PROGRESS_INTERVAL_S = 5.0
 _service_lock = threading.Lock()
 _running: dict[str, Any] = {}
-
-
-def _settings() -> Settings:
-    # the RunPod template's variables: MODEL_PATH is the network volume's model folder
-    if os.environ.get("MODEL_PATH") and not os.environ.get("USF_MODEL_PATH"):
-        os.environ["USF_MODEL_PATH"] = os.environ["MODEL_PATH"]
-    return Settings()
 
 
 def service() -> Any:
@@ -45,7 +38,7 @@ def service() -> Any:
 
     with _service_lock:
         if "service" not in _running:
-            worker = WorkerService(_settings())
+            worker = WorkerService(worker_settings())
             worker.start()
             sender = CallbackSender(worker)
             sender.start()

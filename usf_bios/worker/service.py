@@ -302,6 +302,16 @@ class WorkerService:
         return self.executor.resources().gpus
 
 
+def worker_settings() -> Settings:
+    """The worker's settings; ``MODEL_PATH`` (the RunPod template's name for the network volume's model folder)
+    stands for USF_MODEL_PATH when that is unset."""
+    import os
+
+    if os.environ.get("MODEL_PATH") and not os.environ.get("USF_MODEL_PATH"):
+        os.environ["USF_MODEL_PATH"] = os.environ["MODEL_PATH"]
+    return Settings()
+
+
 def _sniff_suffix(path: Path) -> str:
     with path.open("rb") as handle:
         head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")

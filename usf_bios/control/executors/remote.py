@@ -112,7 +112,8 @@ class RemoteExecutor:
     def start(self, job_id: str, gpu_ids: list[int]) -> str:
         job = self._job(job_id)
         with job.lock:
-            job.done, job.cancel_sent, job.reported = False, 0, None   # a new attempt (first start, or a resume)
+            # a new attempt (the first start, a resume, or after an interruption): a fresh window to answer in
+            job.done, job.cancel_sent, job.reported, job.last_answer = False, 0, None, time.monotonic()
             try:
                 self._submit(job_id, job)
             except httpx.HTTPError as err:   # unreachable now: the poll submits again until the timeout
@@ -126,7 +127,9 @@ class RemoteExecutor:
                 self._pull(job_id, job)
         events, cursor = read_events(self.mirror(job_id), cursor)
         answered_lately = time.monotonic() - job.last_answer < self.settings.remote_timeout_s
-        return Progress(events=events, cursor=cursor, alive=handle is not None and not job.done and answered_lately)
+        why = None if answered_lately else f"{self.describe(handle)} did not answer for {self.settings.remote_timeout_s:g} s"
+        return Progress(events=events, cursor=cursor, alive=handle is not None and not job.done and answered_lately,
+                        lost_reason=why)
 
     def cancel(self, handle: str, kill: bool) -> None:
         job = self._job(handle)
