@@ -99,9 +99,11 @@ def tokens_per_pass(num_layers: int, per_token_bytes: int, free_bytes: int, micr
 def layers_to_offload(num_layers: int, working_bytes: int, layer_input_bytes: int, free_bytes: int) -> int:
     """How many layers' saved inputs (``layer_input_bytes`` each) must go to host memory: those that do not fit on
     the GPU beside the working set of the layer being recomputed (tokens × ``activation_bytes_per_token``) and the
-    headroom."""
+    headroom, and, once any go to the host, the one fetched back ahead of its backward pass."""
     room = free_bytes - HEADROOM_BYTES - working_bytes
     on_gpu = max(0, min(num_layers, room // max(layer_input_bytes, 1)))
+    if on_gpu < num_layers:
+        on_gpu = max(0, on_gpu - 1)
     return num_layers - on_gpu
 
 
