@@ -134,6 +134,7 @@ class ActivationEstimate:
 
     tokens_per_pass: int        # tokens of the largest forward/backward pass (merged, or one micro-batch)
     bytes: float
+    recomputed_share: float = 0.0   # the share of decoder layers that recompute their activations
 
 
 def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_batch_tokens: int, step_tokens: int,
@@ -150,8 +151,9 @@ def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_b
     if merge:
         tokens = tokens_per_pass(layers, planned, free_bytes, micro_batch_tokens, step_tokens) or micro_batch_tokens
     one_layer, layer_input = tokens * per_token, tokens * hidden * dtype_bytes
+    k = layers
     if checkpointing == "none":
-        kept = layers * one_layer
+        kept, k = layers * one_layer, 0
     elif checkpointing == "offload":
         kept = one_layer
     elif checkpointing == "all":
@@ -159,4 +161,4 @@ def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_b
     else:  # auto: only the layers that do not fit recompute
         k = layers_to_recompute(layers, tokens, planned, hidden * dtype_bytes, free_bytes)
         kept = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
-    return ActivationEstimate(tokens, kept)
+    return ActivationEstimate(tokens, kept, k / max(layers, 1))
