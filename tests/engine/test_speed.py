@@ -429,10 +429,8 @@ def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(referenc
     assert counts == [3, 3]
 
 
-@pytest.mark.parametrize("offloaded, ahead, late", [(1, 1, 0), (3, 2, 1)])
-def test_offloaded_inputs_come_back_ahead_of_their_backward_pass(reference, monkeypatch, offloaded, ahead, late):
-    """Each layer's backward pass starts fetching the input of the layer whose backward pass comes next; only the
-    last layer's, needed first, comes back late. Gradients do not change."""
+def count_host_copies(monkeypatch) -> list:
+    """Every ``HostCopies`` the engine makes from now on, in a list (to read their fetch counters)."""
     trackers = []
 
     class Counted(offload.HostCopies):
@@ -441,6 +439,14 @@ def test_offloaded_inputs_come_back_ahead_of_their_backward_pass(reference, monk
             trackers.append(self)
 
     monkeypatch.setattr(offload, "HostCopies", Counted)
+    return trackers
+
+
+@pytest.mark.parametrize("offloaded, ahead, late", [(1, 1, 0), (3, 2, 1)])
+def test_offloaded_inputs_come_back_ahead_of_their_backward_pass(reference, monkeypatch, offloaded, ahead, late):
+    """Each layer's backward pass starts fetching the input of the layer whose backward pass comes next; only the
+    last layer's, needed first, comes back late. Gradients do not change."""
+    trackers = count_host_copies(monkeypatch)
     monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: offloaded)
     assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
     assert len(trackers) == 1 and (trackers[0].fetched_ahead, trackers[0].fetched_late) == (ahead, late)

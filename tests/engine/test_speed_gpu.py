@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.engine.test_speed import PLAIN, packed_batch, spec
+from tests.engine.test_speed import PLAIN, count_host_copies, packed_batch, spec
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
 from usf_bios.engine.loop import make_optimizer
@@ -114,14 +114,7 @@ def test_offloaded_checkpointing_matches_on_cuda(reference):
 def test_inputs_offloaded_to_pinned_host_memory_match_on_cuda(reference, monkeypatch):
     from usf_bios.engine import offload
 
-    trackers = []
-
-    class Counted(offload.HostCopies):
-        def __init__(self):
-            super().__init__()
-            trackers.append(self)
-
-    monkeypatch.setattr(offload, "HostCopies", Counted)
+    trackers = count_host_copies(monkeypatch)
     monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: layers)
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
     # copied on a side stream; the first layer's input came back ahead of its backward pass, the last one's late
