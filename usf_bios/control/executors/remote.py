@@ -99,6 +99,9 @@ class RemoteExecutor:
                                                   else WorkerTransport(client))
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
+        if not settings.public_url:
+            log.warning("USF_PUBLIC_URL is unset: remote jobs get dataset URLs and callbacks at %s, which a worker "
+                        "on another host cannot reach", public_url(settings))
 
     def _kind(self) -> str:
         api = self.settings.remote_api
