@@ -20,9 +20,6 @@ from typing import Any
 
 import torch
 
-DEFAULT_TIMEOUT_S = 300
-
-
 @dataclass(frozen=True)
 class World:
     size: int = 1
@@ -48,7 +45,9 @@ def start(world: World, device_type: str) -> None:
     """Join the job's process group (NCCL on GPUs, gloo on the CPU), with the collectives' timeout."""
     if not world.distributed or torch.distributed.is_initialized():
         return
-    timeout = timedelta(seconds=float(os.environ.get("USF_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    from usf_bios.settings import get_settings
+
+    timeout = timedelta(seconds=get_settings().dist_timeout_s)
     torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
 
 
