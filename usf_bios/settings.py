@@ -91,6 +91,9 @@ class Settings(BaseSettings):
         None, ge=1, le=4096, validation_alias="USF_CPU_THREADS_PER_JOB",
         description="PyTorch threads of each CPU job; unset: the job's share of the cores, cores // USF_MAX_CPU_JOBS "
                     "(PyTorch's default when one CPU job runs at a time or OMP_NUM_THREADS is set).")
+    dist_timeout_s: float = Field(300.0, gt=0, le=86400, validation_alias="USF_DIST_TIMEOUT_S",
+                                  description="Timeout of every collective of a job on several ranks (torchrun): a "
+                                              "rank that dies fails the others within it instead of hanging them.")
     max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
                               description="Starts of a job whose process was lost, before it fails.")
     cancel_grace_s: float = Field(30.0, ge=0, validation_alias="USF_CANCEL_GRACE_S",
