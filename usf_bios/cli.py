@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usf_bios.cli_jobs import jobs_app, submit
 from usf_bios.datasets.formats import FORMATS
 from usf_bios.settings import get_settings
 from usf_bios.status import JobStatus
@@ -23,6 +24,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+app.command("submit")(submit)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -23,7 +23,7 @@ from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
 from usf_bios.engine.model import device_problems
 from usf_bios.settings import Settings
-from usf_bios.spec import JobSpec
+from usf_bios.spec import DatasetRef, JobSpec
 from usf_bios.models.inspect import folder_size
 from usf_bios.storage import StorageLayout
 
@@ -50,10 +50,20 @@ def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tu
         raise Invalid("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
     if not model.valid:
         raise Invalid("base_model", f"model {model.name!r} is not usable: {'; '.join(model.problems)}")
-    dataset = find_dataset(session, caller, spec.dataset)
-    if dataset is None:
-        raise Invalid("dataset", f"no registered dataset {spec.dataset!r} (upload it with POST /api/datasets)")
-    return model, dataset
+    return model, resolve_datasets(session=session, caller=caller, spec=spec)[0][0]
+
+
+def resolve_datasets(*, session: Session, caller: Caller, spec: JobSpec) -> list[tuple[DatasetEntry, float]]:
+    """Each registered dataset of the spec with its weight: the one ``dataset``, or every one of ``datasets``
+    (Invalid names the missing one: ``datasets.1.name``)."""
+    found = []
+    for index, (ref, weight) in enumerate(spec.dataset_refs()):
+        entry = find_dataset(session, caller, ref)
+        if entry is None:
+            field = "dataset" if spec.datasets is None else f"datasets.{index}.name"
+            raise Invalid(field, f"no registered dataset {ref!r} (upload it with POST /api/datasets)")
+        found.append((entry, weight))
+    return found
 
 
 def executor_for(spec: JobSpec, settings: Settings) -> str:
@@ -64,7 +74,12 @@ def executor_for(spec: JobSpec, settings: Settings) -> str:
 def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
     """Lock the spec (with the model folder and dataset file it resolves to) and queue the job."""
     model, dataset = resolve_references(session=session, caller=caller, spec=spec)
-    locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
+    if spec.datasets is None:
+        locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
+    else:
+        mixture = [DatasetRef(name=entry.path, weight=weight)
+                   for entry, weight in resolve_datasets(session=session, caller=caller, spec=spec)]
+        locked = spec.model_copy(update={"base_model": model.path, "datasets": mixture})
     job_id = create_job(locked, layout)
     job = Job(id=job_id, name=spec.name, status=JobStatus.QUEUED.value, spec=locked.model_dump(mode="json"),
               request=spec.model_dump(mode="json"), model_id=model.id, dataset_id=dataset.id,
@@ -178,16 +193,19 @@ def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes
     return {"job.yaml": yaml.safe_dump(spec, sort_keys=False).encode()}
 
 
-def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:
-    """The job's estimate from its dataset's token lengths; Invalid where the model's config cannot be read or the
-    engine would refuse the speed switches."""
+def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings,
+             sources: list[int] | None = None, weights: list[float] | None = None) -> EstimatePublic:
+    """The job's estimate from its dataset's token lengths (a weighted mixture's: with each example's dataset in
+    ``sources`` and the datasets' ``weights``); Invalid where the model's config cannot be read or the engine would
+    refuse the speed switches."""
     import json
 
     from usf_bios.control.estimate import estimate_job
     from usf_bios.engine.plan import SpeedPlanError
 
     try:
-        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices, sources,
+                            weights)
     except (OSError, json.JSONDecodeError) as exc:
         raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
     except SpeedPlanError as exc:

@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from usf_bios.datasets.formats import LoadedDataset, load_dataset
-from usf_bios.datasets.locate import locate_dataset
+from usf_bios.datasets.mixture import DatasetMixture, load_mixture
 from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
@@ -86,27 +85,33 @@ class _StopFlag:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
 
-def _tokenize(dataset: LoadedDataset, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
+def _tokenize(mixture: DatasetMixture, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
     hp = spec.hyperparameters
-    encoded, truncated, empty = [], 0, 0
-    for example in dataset.examples:
-        try:
-            item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
-        except TokenizationError as err:
-            raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
-        truncated += item.truncated
-        if item.trained_tokens == 0:
-            empty += 1
-            continue
-        encoded.append(item)
+    encoded, sources, truncated, empty = [], [], 0, 0
+    for source, (dataset, _weight) in enumerate(mixture.parts):
+        for example in dataset.examples:
+            try:
+                item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
+            except TokenizationError as err:
+                raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
+            truncated += item.truncated
+            if item.trained_tokens == 0:
+                empty += 1
+                continue
+            encoded.append(item)
+            sources.append(source)
     if truncated:
-        events.log(f"{truncated} of {len(dataset.examples)} examples were truncated to max_seq_length {hp.max_seq_length}")
+        events.log(f"{truncated} of {mixture.example_count} examples were truncated to max_seq_length {hp.max_seq_length}")
     if empty:
         events.log(f"{empty} examples had no trained tokens left after truncation and were dropped")
     if not encoded:
         raise TokenizationError("no example has a trained token left; raise max_seq_length")
+    weights = [weight for _, weight in mixture.parts] if mixture.weighted else None
+    if weights is not None:
+        events.log("datasets: " + ", ".join(f"{d.path.name} × {w:g}" for d, w in mixture.parts))
     return TrainingData(encoded, batch_size=hp.batch_size, max_seq_length=hp.max_seq_length, packing=hp.packing,
-                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                        sources=sources, weights=weights)
 
 
 def _total_steps(spec: JobSpec, data: TrainingData) -> int:
@@ -147,7 +152,7 @@ class Recipe:
     run: TrainingRun
     tokenizer: Any
     model_source: ResolvedModel
-    dataset: LoadedDataset
+    dataset: DatasetMixture
 
 
 def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, stop: _StopFlag,
@@ -171,7 +176,7 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     for note in notes:
         events.log(note)
     events.stage("tokenizing")
-    dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
+    dataset = load_mixture(spec.dataset_refs(), spec.dataset_format, layout)
     data = _tokenize(dataset, tokenizer, spec, events)
     total_steps = _total_steps(spec, data)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp, plan)
