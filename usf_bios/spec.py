@@ -187,19 +187,15 @@ class JobSpec(_Strict):
         assert self.dataset is not None   # the model validator holds one of them
         return [(self.dataset, 1.0)]
 
-    def _dump(self, **kwargs: Any) -> dict[str, Any]:
-        """The spec as JSON data, without the unused one of dataset / datasets."""
-        data = self.model_dump(mode="json", **kwargs)
-        data.pop("datasets" if self.datasets is None else "dataset", None)
-        return data
-
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self._dump(), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
         """A hash of everything that decides what is learned (the name, the performance switches, the executor and
         report_to are left out; a spec of one ``dataset`` hashes as before ``datasets`` existed)."""
-        data = self._dump(exclude={"name": True, "performance": True, "gpu_config": {"executor"}, "report_to": True})
+        data = self.model_dump(mode="json", exclude={"name": True, "performance": True, "gpu_config": {"executor"},
+                                                     "report_to": True})
+        data.pop("datasets" if self.datasets is None else "dataset")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
