@@ -30,6 +30,7 @@ from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.engine.plan import resolve_plan
+from usf_bios.engine.reporters import Reporters, check_reporters, open_reporters
 from usf_bios.engine.threads import use_cpu_share
 from usf_bios.models.sources import ResolvedModel, resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -153,6 +154,7 @@ class Recipe:
     tokenizer: Any
     model_source: ResolvedModel
     dataset: DatasetMixture
+    reporters: Reporters
 
 
 def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, stop: _StopFlag,
@@ -160,6 +162,7 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     """Load the model with its speed plan, tokenize the dataset, build the optimizer and scheduler, and continue
     from the newest checkpoint when there is one."""
     hp, checkpoint_dir = spec.hyperparameters, layout.job_checkpoints(job_id)
+    check_reporters(spec)   # a report_to tool that cannot work fails the job before the model loads
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     ckpt.clean_partial(checkpoint_dir)
     events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
@@ -188,7 +191,9 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
                f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
     run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
                       should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
-    return Recipe(run, tokenizer, resolved, dataset)
+    reporters = open_reporters(spec, job_id, layout, state.step, events.log)
+    events.sinks.append(reporters.on_event)
+    return Recipe(run, tokenizer, resolved, dataset, reporters)
 
 
 def _resume(folder: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
@@ -223,21 +228,27 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bo
     events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
     stop = _StopFlag()
     stop.install()
+    recipe: Recipe | None = None
+    status = JobStatus.FAILED
     try:
         recipe = setup(job_id, spec, layout, events, stop, show_progress)
         events.stage("training", total_steps=recipe.run.state.total_steps)
         if train(recipe.run) == JobStatus.CANCELLED:
-            events.done(JobStatus.CANCELLED)
-            return JobResult(job_id, JobStatus.CANCELLED, output_dir)
+            status = JobStatus.CANCELLED
+            events.done(status)
+            return JobResult(job_id, status, output_dir)
         save(output_dir, recipe, spec, events)
-        events.done(JobStatus.COMPLETED)
-        return JobResult(job_id, JobStatus.COMPLETED, output_dir)
+        status = JobStatus.COMPLETED
+        events.done(status)
+        return JobResult(job_id, status, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
         events.log(traceback.format_exc())
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:  # cleanup
+        if recipe is not None:
+            recipe.reporters.close(status)
         events.close()
         stop.uninstall()
 
