@@ -16,11 +16,11 @@ from usf_bios.settings import Settings
 
 
 class ServerError(RuntimeError):
-    """The server refused a request (``status``: its HTTP status) or could not be reached (``status`` None)."""
+    """The server refused a request (``status_code``: its HTTP status) or could not be reached (None)."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status_code: int | None = None):
         super().__init__(message)
-        self.status = status
+        self.status_code = status_code
 
 
 def _message(response: httpx.Response) -> str:
@@ -92,7 +92,7 @@ class Client:
         try:
             self.request("DELETE", f"/jobs/{job_id}")
         except ServerError as err:
-            if err.status == 405:
+            if err.status_code == 405:
                 raise ServerError(f"the server at {self.url} cannot delete jobs (it has no DELETE /api/jobs/{{id}}); "
                                   "update it", 405) from None
             raise

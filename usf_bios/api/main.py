@@ -84,6 +84,7 @@ def adopt_storage(db: Database, layout: StorageLayout, settings: Settings) -> No
 
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
     """The app for these settings; ``host`` decides whether API keys are required."""
+    from usf_bios.control.pulls import Pulls
     from usf_bios.control.scheduler import Scheduler
 
     @asynccontextmanager
@@ -95,6 +96,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         await run_in_threadpool(adopt_storage, app.state.db, app.state.layout, settings)
         app.state.feeds = {}   # job id → the one live feed its event streams share (api/feeds.py)
         app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings)
+        app.state.pulls = Pulls(app.state.db, app.state.layout, settings)
         if start_scheduler:
             app.state.scheduler.start()
         yield

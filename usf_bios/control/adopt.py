@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from usf_bios.control import lifecycle
 from usf_bios.control.artifacts import record_artifact
 from usf_bios.control.executors.local import ProcessRef, process_start_time
 from usf_bios.control.follow import apply_events
@@ -112,14 +113,14 @@ def adopt_job(session: Session, layout: StorageLayout, settings: Settings, folde
               attempts=1 if events or started else 0, events_offset=cursor,
               started_at=_utc(events[0].ts) if events else None)
     if started is not None:          # a `usf-bios train` still running: followed from here on
-        job.status, job.handle = JobStatus.RUNNING.value, str(ProcessRef(holder, started))  # type: ignore[arg-type]
+        lifecycle.mark_adopted(job, JobStatus.RUNNING, handle=str(ProcessRef(holder, started)))  # type: ignore[arg-type]
     elif done is not None:
-        job.status, job.error, job.finished_at = done.status.value, done.error, _utc(done.ts)
+        lifecycle.mark_adopted(job, done.status, error=done.error, finished_at=_utc(done.ts))
     else:
         checkpoint = latest_checkpoint(layout.job_checkpoints(job_id))
-        job.status = JobStatus.INTERRUPTED.value
-        job.error = ("its process ended without a word (found by the server in the storage layout); a resume "
-                     + (f"continues from {checkpoint.name}" if checkpoint else "starts it from the beginning"))
+        lifecycle.mark_adopted(job, JobStatus.INTERRUPTED, error=(
+            "its process ended without a word (found by the server in the storage layout); a resume "
+            + (f"continues from {checkpoint.name}" if checkpoint else "starts it from the beginning")))
     session.add(job)
     session.flush()
     apply_events(session, job, events)

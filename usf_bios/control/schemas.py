@@ -166,6 +166,31 @@ class ModelPublic(_Out):
     created_at: datetime
 
 
+class PullCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str = Field(..., max_length=200, pattern=REPO_ID, description="The model on the Hugging Face Hub: org/name.")
+    revision: str = Field("main", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$",
+                          description="Branch, tag or commit.")
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME,
+                             description="The registered model's name (default: the repo id).")
+
+
+class PullPublic(_Out):
+    """A download from the Hub the server runs; the model is registered once it is complete."""
+
+    id: str
+    repo_id: str
+    revision: str
+    name: str
+    status: Literal["running", "completed", "failed"]
+    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the Hub has answered.")
+    total_bytes: int | None
+    bytes_done: int = Field(description="Bytes in the hub cache so far, partial files included.")
+    error: str | None
+    model: ModelPublic | None = Field(description="The registered model, once completed.")
+
+
 class ScanSkipped(_Out):
     path: str
     reason: str
