@@ -116,8 +116,10 @@ def test_a_running_cli_job_is_followed_and_cancelled_through_the_server(make_ser
     server = make_server(USF_CANCEL_GRACE_S="60").start()
     tiny_model_in(server.home, tiny_model_template)
     spec = write_spec(server.home, tmp_path, "long", max_steps=100_000, save_steps=50, eval_steps=1000)
+    # in the test's own process group, as a shell would start it: not a group leader, so the cancel's SIGTERM goes
+    # to the process itself
     proc = subprocess.Popen([sys.executable, "-m", "usf_bios", "train", str(spec), "--quiet"], env=server.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         output = server.home / "data" / "output"
         deadline = time.monotonic() + 120
