@@ -79,7 +79,11 @@ def adopt_storage(db: Database, layout: StorageLayout, settings: Settings) -> No
         except Exception:  # a folder the scan cannot read must not keep the server from starting
             session.rollback()
             log.exception("the model scan at start failed")
-        adopt_jobs(session=session, layout=layout, settings=settings)
+        result = adopt_jobs(session=session, layout=layout, settings=settings)
+    if result.adopted:
+        log.info("adopted %d job(s) found in %s", len(result.adopted), layout.output)
+    for folder, reason in result.skipped:
+        log.warning("job folder %s not adopted: %s", folder, reason)
 
 
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:

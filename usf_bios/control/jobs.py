@@ -22,6 +22,7 @@ from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, Mo
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
 from usf_bios.engine.model import device_problems
+from usf_bios.engine.reporters import ReporterError, check_reporters
 from usf_bios.settings import Settings
 from usf_bios.spec import DatasetRef, JobSpec
 from usf_bios.models.inspect import folder_size
@@ -32,13 +33,18 @@ MAX_LIST = 500
 
 def check_request(caller: Caller, spec: JobSpec) -> None:
     """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
-    (the model's own Python code would run in the engine with the server's rights), and what the engine would
-    refuse on any machine (``device_problems``: the first, as Invalid naming its field)."""
+    (the model's own Python code would run in the engine with the server's rights), what the engine would
+    refuse on any machine (``device_problems``: the first, as Invalid naming its field), and a ``report_to`` tool
+    not installed or not configured here."""
     if spec.trust_remote_code and not caller.is_admin:
         raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
                         "own Python code in the engine)")
     if problems := device_problems(spec):
         raise Invalid(*problems[0])
+    try:
+        check_reporters(spec)   # report_to: each tool's package installed and configured on this server
+    except ReporterError as err:
+        raise Invalid("report_to", str(err).removeprefix("report_to: ")) from None
 
 
 def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:

@@ -68,8 +68,11 @@ class Scheduler:
     def tick(self) -> None:
         if time.monotonic() >= self._next_adoption:   # jobs `usf-bios train` started while the server runs
             self._next_adoption = time.monotonic() + adopt.INTERVAL_S
-            with self.db.session() as session:
-                adopt.adopt_jobs(session=session, layout=self.layout, settings=self.settings)
+            try:
+                with self.db.session() as session:
+                    adopt.adopt_jobs(session=session, layout=self.layout, settings=self.settings)
+            except Exception:  # the jobs it already follows come first
+                log.exception("adopting job folders failed")
         with self.db.session() as session:
             for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created_at)).all():
                 self._follow(session, job)
