@@ -53,6 +53,8 @@ def test_choose_files_prefers_safetensors_and_skips_what_training_does_not_need(
                                           "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                                           "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json",
                                           "tokenizer.model"]
+    mistral = {"config.json": 1, "consolidated.safetensors": 9, "model-00001-of-00001.safetensors": 9, "params.json": 1}
+    assert sorted(choose_files(mistral)) == ["config.json", "model-00001-of-00001.safetensors", "params.json"]
     legacy = {"config.json": 1, "pytorch_model.bin": 9, "tokenizer.json": 1, "flax_model.msgpack": 9}
     assert sorted(choose_files(legacy)) == ["config.json", "pytorch_model.bin", "tokenizer.json"]
 

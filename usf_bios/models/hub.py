@@ -3,8 +3,9 @@
 ``huggingface_hub.snapshot_download`` fetches into the hub cache (``$HF_HOME/hub``, the cache the resolver reads),
 resumable (a second pull continues the partial files and skips the finished ones), with ``HF_TOKEN`` for gated
 or private models and ``HF_ENDPOINT`` for a mirror. Only what training needs is fetched: the top-level config,
-tokenizer and chat-template files and the weights — ``*.safetensors`` when the repository has them, else PyTorch
-``*.bin`` — never ONNX, GGUF, TensorFlow or Flax weights or subfolders such as ``original/``. The result is
+tokenizer and chat-template files and the weights — ``*.safetensors`` when the repository has them (without a
+``consolidated*`` original-format copy beside the shards), else PyTorch ``*.bin`` — never ONNX, GGUF, TensorFlow
+or Flax weights or subfolders such as ``original/``. The result is
 checked like any model folder. Everything else in USF BIOS stays offline: only a pull reaches the Hub.
 
 ``python -m usf_bios.models.hub REPO_ID [REVISION]`` is the pull the server runs as its own process: one JSON
@@ -45,6 +46,8 @@ def choose_files(files: dict[str, int]) -> dict[str, int]:
     """The files a pull fetches, of the repository's (path → size)."""
     top = {path: size for path, size in files.items() if "/" not in path}
     weights = {p: s for p, s in top.items() if p.endswith(".safetensors")}
+    if any(not p.startswith("consolidated") for p in weights):   # Mistral's original-format copy beside the shards
+        weights = {p: s for p, s in weights.items() if not p.startswith("consolidated")}
     if not weights:
         weights = {p: s for p, s in top.items() if p.endswith(".bin") and "pytorch_model" in p}
     index = "model.safetensors.index.json" if any(p.endswith(".safetensors") for p in weights) else "pytorch_model.bin.index.json"
