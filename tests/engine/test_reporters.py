@@ -85,3 +85,48 @@ def test_report_to_is_how_metrics_travel_not_what_is_learned():
         parse_spec({"name": "a", "base_model": "m", "dataset": "d", "report_to": ["mlflow", "mlflow"]})
     with pytest.raises(ValueError, match="report_to.0: must be one of 'tensorboard', 'mlflow' or 'wandb'"):
         parse_spec({"name": "a", "base_model": "m", "dataset": "d", "report_to": ["neptune"]})
+
+
+def test_a_resumed_job_continues_its_mlflow_run_and_tensorboard_keeps_one_point_a_step(layout, tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    dataset = write_jsonl(tmp_path / "chat.jsonl", chat_rows(30))
+    spec = _spec(tiny_model, dataset, ["tensorboard", "mlflow"])
+    spec["hyperparameters"].update(max_steps=40, save_steps=3, eval_steps=100)
+    job_id = create_job(parse_spec(spec), layout)
+    engine = subprocess.Popen([sys.executable, "-m", "usf_bios.engine.run", job_id], env=dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(layout.job_checkpoints(job_id).glob("checkpoint-*/trainer_state.json")):
+        assert engine.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    engine.send_signal(signal.SIGKILL)
+    engine.wait()
+    first_run = (layout.job_output(job_id) / ".mlflow_run_id").read_text()
+
+    result = run_job(job_id, layout)
+    assert result.status == "completed", result.error
+    assert "resuming from checkpoint-" in layout.job_log(job_id).read_text()
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("usf-bios").experiment_id])
+    assert [r.info.run_id for r in runs] == [first_run] and runs[0].info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(first_run, "train/loss")} == set(range(1, 41))
+
+    board = EventAccumulator(str(layout.logs / f"{job_id}.tensorboard"))   # both runs' files, as TensorBoard reads them
+    board.Reload()
+    steps = [s.step for s in board.Scalars("train/loss")]
+    assert steps == list(range(1, 41)), steps
+    assert len(list((layout.logs / f"{job_id}.tensorboard").glob("events.out.tfevents.*"))) == 2

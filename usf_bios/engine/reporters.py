@@ -68,7 +68,8 @@ class TensorBoardReporter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = folder
-        self._writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at else None)
+        # flushed every 5 s (not TensorBoard's 120): a live board follows the job, and a kill loses little
+        self._writer = SummaryWriter(str(folder), purge_step=resumed_at + 1 if resumed_at else None, flush_secs=5)
 
     def send(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
