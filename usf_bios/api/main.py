@@ -17,7 +17,7 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
-from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
+from usf_bios.api.routes import datasets, jobs, keys, models, presets, remote, system
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
@@ -88,6 +88,7 @@ def adopt_storage(db: Database, layout: StorageLayout, settings: Settings) -> No
 
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
     """The app for these settings; ``host`` decides whether API keys are required."""
+    from usf_bios.control.adopt import INTERVAL_S as ADOPT_INTERVAL_S
     from usf_bios.control.pulls import Pulls
     from usf_bios.control.scheduler import Scheduler
 
@@ -99,7 +100,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         app.state.db = Database(settings.database_url or "")
         await run_in_threadpool(adopt_storage, app.state.db, app.state.layout, settings)
         app.state.feeds = {}   # job id → the one live feed its event streams share (api/feeds.py)
-        app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings)
+        app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings, adopt_every=ADOPT_INTERVAL_S)
         app.state.pulls = Pulls(app.state.db, app.state.layout, settings)
         if start_scheduler:
             app.state.scheduler.start()
@@ -139,7 +140,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
                        authenticate=_authenticator(app) if app.state.auth_required else None)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)   # added last: runs first
 
-    for module in (system, keys, datasets, models, jobs, presets):
+    for module in (system, keys, remote, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
     mount_web(app)
     return app
