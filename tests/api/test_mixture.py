@@ -49,3 +49,27 @@ def test_a_mixture_is_resolved_locked_estimated_and_protected(local_app, tiny_mo
     for dataset in (chat, extra):   # both are in use, not only the first
         refused = client.delete(f"/datasets/{dataset['id']}")
         assert refused.status_code == 409 and job["id"] in refused.json()["detail"], refused.text
+
+
+def test_a_remote_job_takes_one_dataset(tmp_path, tiny_model_template, monkeypatch):
+    """The worker contract sends one dataset_url: a mixture for the remote executor is refused before anything is
+    queued, naming the field."""
+    from fastapi.testclient import TestClient
+
+    from usf_bios.api.main import create_app
+    from usf_bios.settings import Settings
+
+    home = tmp_path / "usf"
+    settings = Settings(usf_home=home, database_url=f"sqlite:///{tmp_path / 'usf.db'}",
+                        gpu_cluster_api_url="http://127.0.0.1:9", gpu_cluster_api_key="k" * 32)
+    app = create_app(settings, "127.0.0.1", start_scheduler=False)
+    with TestClient(app, base_url="http://127.0.0.1:8000/api") as client:
+        register_model(client, "tiny", tiny_model_in(home, tiny_model_template))
+        upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(8)), name="chat")
+        spec = {**mixture_spec([{"name": "chat"}, {"name": "chat", "weight": 2}]),
+                "gpu_config": {"num_gpus": 0, "executor": "remote"}}
+        refused = client.post("/jobs", json=spec)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["field"] == "datasets"
+        assert "a remote job takes one dataset" in refused.json()["errors"][0]["message"]
+        assert client.get("/jobs").json()["total"] == 0
