@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MODEL_SOURCES = ("local", "huggingface", "modelscope")
@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     gpu_prices: dict[str, float] = Field(
         {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},
         validation_alias="USF_GPU_PRICES", description="Price per GPU-hour by gpu_type (JSON), for estimates.")
+
+    server_url: str = Field("http://127.0.0.1:8000", validation_alias="USF_SERVER_URL",
+                            description="The server the CLI's client commands (usf-bios jobs, submit) talk to.")
+    api_key: SecretStr | None = Field(None, validation_alias="USF_API_KEY",
+                                      description="The API key those commands send (needed off loopback).")
 
     @field_validator("supported_model_sources", mode="before")
     @classmethod

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from usf_bios.datasets.formats import LoadedDataset, load_dataset
-from usf_bios.datasets.locate import locate_dataset
+from usf_bios.datasets.mixture import DatasetMixture, load_mixture
 from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine import distributed
 from usf_bios.engine.distributed import World, world_from_env
@@ -35,6 +34,7 @@ from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.engine.plan import resolve_plan
+from usf_bios.engine.reporters import Reporters, check_reporters, open_reporters
 from usf_bios.engine.threads import use_cpu_share
 from usf_bios.models.sources import ResolvedModel, resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -90,27 +90,33 @@ class _StopFlag:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
 
-def _tokenize(dataset: LoadedDataset, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
+def _tokenize(mixture: DatasetMixture, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
     hp = spec.hyperparameters
-    encoded, truncated, empty = [], 0, 0
-    for example in dataset.examples:
-        try:
-            item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
-        except TokenizationError as err:
-            raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
-        truncated += item.truncated
-        if item.trained_tokens == 0:
-            empty += 1
-            continue
-        encoded.append(item)
+    encoded, sources, truncated, empty = [], [], 0, 0
+    for source, (dataset, _weight) in enumerate(mixture.parts):
+        for example in dataset.examples:
+            try:
+                item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
+            except TokenizationError as err:
+                raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
+            truncated += item.truncated
+            if item.trained_tokens == 0:
+                empty += 1
+                continue
+            encoded.append(item)
+            sources.append(source)
     if truncated:
-        events.log(f"{truncated} of {len(dataset.examples)} examples were truncated to max_seq_length {hp.max_seq_length}")
+        events.log(f"{truncated} of {mixture.example_count} examples were truncated to max_seq_length {hp.max_seq_length}")
     if empty:
         events.log(f"{empty} examples had no trained tokens left after truncation and were dropped")
     if not encoded:
         raise TokenizationError("no example has a trained token left; raise max_seq_length")
+    weights = [weight for _, weight in mixture.parts] if mixture.weighted else None
+    if weights is not None:
+        events.log("datasets: " + ", ".join(f"{d.path.name} × {w:g}" for d, w in mixture.parts))
     return TrainingData(encoded, batch_size=hp.batch_size, max_seq_length=hp.max_seq_length, packing=hp.packing,
-                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                        sources=sources, weights=weights)
 
 
 def _total_steps(spec: JobSpec, data: TrainingData, world: World) -> int:
@@ -154,7 +160,8 @@ class Recipe:
     run: TrainingRun
     tokenizer: Any
     model_source: ResolvedModel
-    dataset: LoadedDataset
+    dataset: DatasetMixture
+    reporters: Reporters
 
 
 def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, stop: _StopFlag,
@@ -162,6 +169,7 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     """Load the model with its speed plan, tokenize the dataset, build the optimizer and scheduler, and continue
     from the newest checkpoint when there is one."""
     hp, checkpoint_dir = spec.hyperparameters, layout.job_checkpoints(job_id)
+    check_reporters(spec)   # a report_to tool that cannot work fails the job before the model loads
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     ckpt.clean_partial(checkpoint_dir)
     events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
@@ -183,7 +191,7 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     for note in notes:
         events.log(note)
     events.stage("tokenizing")
-    dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
+    dataset = load_mixture(spec.dataset_refs(), spec.dataset_format, layout)
     data = _tokenize(dataset, tokenizer, spec, events)
     total_steps = _total_steps(spec, data, world)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp, plan)
@@ -200,7 +208,11 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
                       should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress and world.is_main,
                       world=world, ddp=ddp)
-    return Recipe(run, tokenizer, resolved, dataset)
+    # the job's numbers are rank 0's: only it reports to TensorBoard / MLflow / W&B
+    reporters = open_reporters(spec if world.is_main else spec.model_copy(update={"report_to": []}), job_id, layout,
+                               state.step, events.log)
+    events.sinks.append(reporters.on_event)
+    return Recipe(run, tokenizer, resolved, dataset, reporters)
 
 
 def _resume(folder: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
@@ -248,22 +260,28 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, world: World, *, sho
     events = rank_events(job_id, layout, world, echo)
     stop = _StopFlag()
     stop.install()
+    recipe: Recipe | None = None
+    status = JobStatus.FAILED
     try:
         recipe = setup(job_id, spec, layout, events, stop, show_progress, world)
         events.stage("training", total_steps=recipe.run.state.total_steps)
         if train(recipe.run) == JobStatus.CANCELLED:
-            events.done(JobStatus.CANCELLED)
-            return JobResult(job_id, JobStatus.CANCELLED, output_dir)
+            status = JobStatus.CANCELLED
+            events.done(status)
+            return JobResult(job_id, status, output_dir)
         if world.is_main:
             save(output_dir, recipe, spec, events)
-        events.done(JobStatus.COMPLETED)
-        return JobResult(job_id, JobStatus.COMPLETED, output_dir)
+        status = JobStatus.COMPLETED
+        events.done(status)
+        return JobResult(job_id, status, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
         events.log(traceback.format_exc())
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:  # cleanup
+        if recipe is not None:
+            recipe.reporters.close(status)
         events.close()
         stop.uninstall()
 

@@ -40,9 +40,20 @@ async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, se
     """Tokens, steps, time, peak GPU memory and cost, before anything runs. The dataset's token lengths are
     computed once per (dataset file, model, format) and shared with the dataset stats (control/token_lengths.py)."""
     model, dataset = await run_in_threadpool(lambda: jobs.resolve_references(session=session, caller=caller, spec=spec))
-    pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
-    lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
-    return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings)
+    if spec.datasets is None:
+        pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
+        lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
+        return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings)
+    mixture = await run_in_threadpool(lambda: jobs.resolve_datasets(session=session, caller=caller, spec=spec))
+    all_lengths: list[int] = []
+    sources: list[int] = []
+    for index, (entry, _weight) in enumerate(mixture):
+        pending = await run_in_threadpool(token_lengths_future, entry, model, spec.dataset_format)
+        part = await asyncio.wrap_future(pending)
+        all_lengths += list(part)
+        sources += [index] * len(part)
+    weights = [weight for _, weight in mixture]
+    return await run_in_threadpool(jobs.estimate, spec, model, all_lengths, settings, sources, weights)
 
 
 @router.get("/jobs", response_model=JobsPublic)
