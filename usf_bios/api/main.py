@@ -15,7 +15,8 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
-from usf_bios.api.routes import datasets, jobs, keys, models, openai_finetune, openai_inference, presets, system
+from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
+                                 system)
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
@@ -120,6 +121,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     for module in (system, keys, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
     app.include_router(openai_inference.admin_router, prefix="/api")
+    app.include_router(exports.router, prefix="/api")
     for module in (openai_inference, openai_finetune):   # the OpenAI-compatible surface (docs/inference.md)
         app.include_router(module.router, prefix="/v1")
     mount_web(app)
