@@ -15,6 +15,7 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
+from usf_bios.api.routes.openai_common import install_inference_log
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
                                  system)
 from usf_bios.control.datasets import sweep_orphan_uploads
@@ -72,6 +73,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_key_redaction()   # uvicorn has configured its loggers by now
+        install_inference_log()
         sweep_orphan_uploads(app.state.layout)
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")

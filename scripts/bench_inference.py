@@ -1,0 +1,147 @@
+"""Inference speed: time to first token and tokens/s of the inference engine, 1 stream and N concurrent streams,
+against plain transformers ``generate`` (one request after another, and one left-padded batch), and the cost of
+switching adapters. Prints one JSON object (docs/benchmarks.md, "Serving adapters").
+
+    python scripts/bench_inference.py --model ~/.usf-bios/models/HuggingFaceTB--SmolLM2-135M-Instruct \
+        --adapter data/output/JOB_A --adapter data/output/JOB_B --tokens 64 --streams 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from usf_bios.inference.engine import InferenceEngine
+from usf_bios.inference.loaded import BaseKey, Target
+from usf_bios.inference.sampling import SamplingParams
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+           "Describe the water cycle.", "Tell me about the history of tea.", "How do airplanes fly?",
+           "Write a poem about autumn leaves.", "What makes a good friend?", "Describe a busy market in the morning."]
+
+
+def timed_stream(gen) -> tuple[float, float, int]:
+    """(seconds to the first text, seconds to the end, completion tokens) of one generation, from its submission."""
+    first = None
+    for item in gen:
+        if item[0] == "text" and first is None:
+            first = time.perf_counter()
+        if item[0] == "error":
+            raise item[1]
+        if item[0] == "done":
+            end = time.perf_counter()
+            return (first or end) - gen.submitted, end - gen.submitted, item[2]
+    raise RuntimeError("no done")
+
+
+def engine_run(engine: InferenceEngine, targets: list[Target], tokens: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=tokens)
+    started = time.perf_counter()
+    gens = [engine.submit(t, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], params=params)
+            for i, t in enumerate(targets)]
+    results = [timed_stream(g) for g in gens]
+    wall = time.perf_counter() - started
+    total = sum(r[2] for r in results)
+    return {"streams": len(targets), "ttft_s_mean": round(statistics.mean(r[0] for r in results), 3),
+            "ttft_s_max": round(max(r[0] for r in results), 3), "tokens": total, "wall_s": round(wall, 2),
+            "tokens_per_s": round(total / wall, 1),
+            "per_stream_tokens_per_s": round(statistics.mean(r[2] / max(r[1] - r[0], 1e-9) for r in results), 1)}
+
+
+def hf_run(model, tokenizer, n: int, tokens: int, batched: bool) -> dict:
+    """Plain ``generate``, greedy: n requests one after another, or as one left-padded batch."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                           add_generation_prompt=True, tokenize=False) for i in range(n)]
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    generated, firsts = 0, []
+    groups = [texts] if batched else [[t] for t in texts]
+    for group in groups:
+        inputs = tokenizer(group, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=pad)
+            firsts.append(time.perf_counter() - started if not batched else time.perf_counter() - t0)
+            out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        generated += int((new != pad).sum())
+    wall = time.perf_counter() - started
+    return {"streams": n, "mode": "one batch" if batched else "one after another", "tokens": generated,
+            "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1),
+            "ttft_s_mean": round(statistics.mean(firsts), 3)}
+
+
+def switch_cost(engine: InferenceEngine, base: BaseKey, adapters: list[str], rounds: int) -> dict:
+    """Mean seconds of a 1-token request on the same adapter, and alternating between two loaded adapters."""
+    params = SamplingParams(temperature=0, max_tokens=1)
+    question = [{"role": "user", "content": "Hi"}]
+
+    def mean_time(sequence: list[str]) -> float:
+        times = []
+        for folder in sequence:
+            t0 = time.perf_counter()
+            engine.submit(Target(base, folder), messages=question, params=params).result()
+            times.append(time.perf_counter() - t0)
+        return statistics.mean(times)
+
+    mean_time(adapters)   # both loaded
+    same = mean_time([adapters[0]] * rounds)
+    alternating = mean_time([adapters[i % 2] for i in range(rounds)])
+    return {"same_adapter_s": round(same, 4), "alternating_s": round(alternating, 4),
+            "switch_cost_ms": round((alternating - same) * 1000, 2),
+            "adapter_load_s": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter", action="append", default=[])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = BaseKey(os.path.abspath(os.path.expanduser(args.model)))
+    engine = InferenceEngine(max_batch=args.streams, queue_size=max(32, args.streams))
+    report: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg(), "tokens_per_request": args.tokens}
+    adapter = args.adapter[0] if args.adapter else None
+    engine_run(engine, [Target(base, adapter)], 4)   # warm: the base and the adapter load
+    report["base_load_s"] = engine.describe()["bases"][0]["load_seconds"]
+    report["engine_1"] = engine_run(engine, [Target(base, adapter)], args.tokens)
+    report["engine_n_same_adapter"] = engine_run(engine, [Target(base, adapter)] * args.streams, args.tokens)
+    if len(args.adapter) >= 2:
+        t0 = time.perf_counter()
+        engine_run(engine, [Target(base, args.adapter[1])], 1)
+        report["second_adapter_first_request_s"] = round(time.perf_counter() - t0, 3)
+        mixed = [Target(base, args.adapter[i % 2] if i % 3 else None) for i in range(args.streams)]
+        report["engine_n_mixed_adapters_and_base"] = engine_run(engine, mixed, args.tokens)
+        report["switch"] = switch_cost(engine, base, args.adapter[:2], args.rounds)
+    state = engine.describe()["bases"][0]
+    report["loads"], report["adapter_loads"] = state["loads"], state["adapter_loads"]
+    engine.close()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    report["hf_generate_1"] = hf_run(model, tokenizer, 1, args.tokens, batched=False)
+    report["hf_generate_n_sequential"] = hf_run(model, tokenizer, args.streams, args.tokens, batched=False)
+    report["hf_generate_n_batched"] = hf_run(model, tokenizer, args.streams, args.tokens, batched=True)
+    report["load_average_end"] = os.getloadavg()
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
