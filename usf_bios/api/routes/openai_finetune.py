@@ -48,7 +48,9 @@ def get_file(file_id: str, caller: OpenAICaller, session: SessionDep) -> dict[st
     return ft.file_object(ft.get_file(session=session, caller=caller, file_id=file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "the file's bytes"}})
 def file_content(file_id: str, caller: OpenAICaller, session: SessionDep) -> FileResponse:
     entry = ft.get_file(session=session, caller=caller, file_id=file_id)
     return FileResponse(entry.path, filename=entry.filename, media_type="application/octet-stream")
