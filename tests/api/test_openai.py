@@ -149,3 +149,33 @@ def test_loopback_without_keys_takes_any_client_key(server, tiny_model_template,
         client.files.create(file=write_jsonl(tmp_path / "d.jsonl", chat_rows(2)).open("rb"), purpose="assistants")
     with pytest.raises(openai.AuthenticationError):   # a USF BIOS key is checked even on loopback
         openai.OpenAI(base_url=server.url + "/v1", api_key="usf_revoked", max_retries=0).models.list()
+
+
+def test_a_full_queue_is_429_and_a_model_that_cannot_load_is_503(make_server, tiny_model_template):
+    import threading
+
+    server = make_server(USF_INFERENCE_QUEUE="1", USF_INFERENCE_BATCH="1").start()
+    tiny_model_in(server.home, tiny_model_template)
+    register_model(server.client(), "tiny", server.home / "models" / "test--tiny")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "temperature": 0}  # greedy: 900 tokens, no end
+    running = client.chat.completions.create(stream=True, **long)
+    next(iter(running))                                        # the first request is decoding
+    waiting = threading.Thread(target=lambda: client.chat.completions.create(**{**long, "max_tokens": 2}))
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while server.client().get("/inference").json()["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as full:
+        client.chat.completions.create(**long)
+    assert full.value.body["code"] == "queue_full" and full.value.response.headers["retry-after"] == "1"
+    running.close()                                            # the client goes away: its decoding stops
+    waiting.join(60)
+
+    broken = tiny_model_in(server.home, tiny_model_template, name="test--broken")
+    register_model(server.client(), "broken", broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert unavailable.value.status_code == 503 and "could not be loaded" in unavailable.value.message
