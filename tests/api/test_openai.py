@@ -158,7 +158,8 @@ def test_a_full_queue_is_429_and_a_model_that_cannot_load_is_503(make_server, ti
     tiny_model_in(server.home, tiny_model_template)
     register_model(server.client(), "tiny", server.home / "models" / "test--tiny")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "temperature": 0}  # greedy: 900 tokens, no end
+    # greedy on the tiny model: 900 tokens without an end of sequence
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "temperature": 0}
     running = client.chat.completions.create(stream=True, **long)
     next(iter(running))                                        # the first request is decoding
     waiting = threading.Thread(target=lambda: client.chat.completions.create(**{**long, "max_tokens": 2}))
