@@ -15,9 +15,9 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
-from usf_bios.api.routes.openai_common import install_inference_log
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
-                                 system)
+                                 remote, system)
+from usf_bios.api.routes.openai_common import install_inference_log
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
@@ -120,7 +120,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
                        authenticate=_authenticator(app) if app.state.auth_required else None)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)   # added last: runs first
 
-    for module in (system, keys, datasets, models, jobs, presets):
+    for module in (system, keys, remote, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
     app.include_router(openai_inference.admin_router, prefix="/api")
     app.include_router(exports.router, prefix="/api")

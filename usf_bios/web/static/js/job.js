@@ -120,6 +120,22 @@ function showStatus(state) {
   document.getElementById("download-adapter").hidden = state.status !== "completed";
   document.getElementById("chat-adapter").hidden = state.status !== "completed";
   root.dataset.status = state.status;
+  showPlacement();
+}
+
+// where the job runs (local process, worker, RunPod) and what a remote side last said
+let placementAsked = 0;
+async function showPlacement() {
+  if (Date.now() - placementAsked < 2000) return;
+  placementAsked = Date.now();
+  try {
+    const place = await api(`${base}/placement`);
+    const remote = place.remote_status ? ` · remote status: ${place.remote_status}` +
+      (place.remote_stage ? ` (${place.remote_stage.replace(/_/g, " ")})` : "") : "";
+    setText("job-where", `Runs on ${place.where}${remote}`);
+  } catch (error) {
+    setText("job-where", "");
+  }
 }
 
 // ---- side panels ------------------------------------------------------------------------------------
