@@ -19,10 +19,10 @@ FAST = {"hyperparameters": {"max_steps": 4, "save_steps": 2, "max_seq_length": 6
 
 
 def client_for(server, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=300)
 
 
-def wait_done(client: openai.OpenAI, job_id: str, timeout: float = 300):
+def wait_done(client: openai.OpenAI, job_id: str, timeout: float = 900):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.fine_tuning.jobs.retrieve(job_id)
@@ -157,7 +157,7 @@ def test_a_full_queue_is_429_and_a_model_that_cannot_load_is_503(make_server, ti
     server = make_server(USF_INFERENCE_QUEUE="1", USF_INFERENCE_BATCH="1").start()
     tiny_model_in(server.home, tiny_model_template)
     register_model(server.client(), "tiny", server.home / "models" / "test--tiny")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
     # greedy on the tiny model: 900 tokens without an end of sequence
     long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "temperature": 0}
     running = client.chat.completions.create(stream=True, **long)
