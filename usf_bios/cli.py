@@ -364,3 +364,34 @@ def check_dataset(
     table = Table("tokens", "min", "mean", "p95", "max", f"truncated at {max_seq_length}")
     table.add_row(model, str(stats.min), str(stats.mean), str(stats.p95), str(stats.max), f"{stats.truncated} rows")
     console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    job_id: Annotated[str, typer.Argument(help="A completed job's id.")],
+    merged: Annotated[Path, typer.Option("--merged", help="Folder to write the merged model to (replaced).")],
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Also write this GGUF file (Llama-family models).")] = None,
+    gguf_dtype: Annotated[str, typer.Option("--gguf-dtype", help="bf16 or f16.")] = "bf16",
+    status_file: Annotated[Optional[Path], typer.Option("--status-file", hidden=True)] = None,
+) -> None:
+    """Merge a job's adapter into its base: a standalone bf16 model folder (and a GGUF file)."""
+    from usf_bios.engine.jobdir import ResumeRefused, locked_spec
+    from usf_bios.models.export import export_adapter
+    from usf_bios.models.sources import resolve_model
+
+    layout = _layout()
+    try:
+        spec = locked_spec(job_id, layout)
+    except (ResumeRefused, ValueError) as err:
+        raise _fail(str(err)) from None
+    adapter = layout.job_output(job_id)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise _fail(f"job {job_id} has no finished adapter in {adapter}")
+    try:
+        base = resolve_model(spec.base_model, layout, get_settings().supported_model_sources).path
+        result = export_adapter(str(base), adapter, merged_dir=merged, gguf_path=gguf, gguf_dtype=gguf_dtype,
+                                trust_remote_code=spec.trust_remote_code, spec=spec.model_dump(mode="json"),
+                                status_file=status_file)
+    except (OSError, ValueError) as err:
+        raise _fail(str(err), code=1) from None
+    console.print(f"merged model → {escape(result['merged'])}" + (f"\nGGUF → {escape(result['gguf'])}" if result["gguf"] else ""))

@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     allowed_model_roots: Annotated[tuple[Path, ...], NoDecode] = Field(
         (), validation_alias="USF_ALLOWED_MODEL_ROOTS",
         description="Extra folders (comma-separated) where models may be registered from, besides USF_MODEL_PATH and HF_HOME.")
+    max_loaded_adapters: int = Field(8, ge=1, le=1024, validation_alias="USF_MAX_LOADED_ADAPTERS",
+                                     description="Adapters the inference engine keeps loaded per base (least recently "
+                                                 "used one unloaded beyond it).")
+    inference_idle_s: float = Field(900.0, gt=0, validation_alias="USF_INFERENCE_IDLE_S",
+                                    description="Seconds without a request after which a served base model is unloaded.")
+    inference_queue: int = Field(32, ge=1, le=100_000, validation_alias="USF_INFERENCE_QUEUE",
+                                 description="Inference requests that may wait; one more is answered 429.")
+    inference_batch: int = Field(8, ge=1, le=1024, validation_alias="USF_INFERENCE_BATCH",
+                                 description="Requests of one base decoded together in one batch.")
     gpu_prices: dict[str, float] = Field(
         {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},
         validation_alias="USF_GPU_PRICES", description="Price per GPU-hour by gpu_type (JSON), for estimates.")

@@ -13,7 +13,7 @@ from tests.web.conftest import PHONE
 from usf_bios.web.render import SECURITY_HEADERS
 
 PAGES = {"/": "Home", "/jobs": "Jobs", "/jobs/new": "New job", "/datasets": "Datasets", "/models": "Models",
-         "/compare": "Compare runs", "/keys": "API keys"}
+         "/compare": "Compare runs", "/chat": "Chat", "/keys": "API keys"}
 
 
 @pytest.fixture
@@ -64,7 +64,8 @@ def test_phone_width_keeps_the_main_controls_visible(finished, open_page):
               "/models": ["#scan-models", "#register-submit"],
               f"/jobs/{job_id}": ["#download-adapter", "#loss-chart canvas", "#job-progress", "#snippet"],
               f"/datasets/{dataset_id}": ["#train-link", "#max-seq-length", "#preview .conversation >> nth=0"],
-              f"/compare?jobs={job_id}": ["#job-picker input", "#compare-chart canvas"]}
+              f"/compare?jobs={job_id}": ["#job-picker input", "#compare-chart canvas"],
+              f"/chat?model={job_id}": ["#chat-models input >> nth=0", "#chat-prompt", "#chat-send"]}
     for path, selectors in checks.items():
         page.goto(path)
         for selector in selectors:

@@ -3,7 +3,7 @@
 FastAPI reads a JSON body whole before it resolves the route's dependencies, so without this an unauthenticated
 300 MB ``POST /api/jobs`` took the server from 424 MB to 1.3 GB before its 401. This ASGI middleware runs first:
 
-- when API keys are required, a POST/PUT/PATCH/DELETE under /api without a valid key is answered 401 before a byte
+- when API keys are required, a POST/PUT/PATCH/DELETE under /api (or /v1) without a valid key is answered 401 before a byte
   of its body is read (the caller it finds is handed on in the scope's state, so the route does not look it up
   again);
 - a JSON (not multipart) body larger than ``USF_MAX_JSON_KB`` is answered 413: at once when its Content-Length says
@@ -41,7 +41,7 @@ class BodyGuard:
         self.app, self.max_json_bytes, self.authenticate = app, max_json_bytes, authenticate
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (scope["type"] != "http" or scope["method"] not in WRITES or not scope["path"].startswith("/api/")
+        if (scope["type"] != "http" or scope["method"] not in WRITES or not scope["path"].startswith(("/api/", "/v1/"))
                 or (scope["method"] == "PUT" and SIGNED_UPLOAD.match(scope["path"]))):
             await self.app(scope, receive, send)
             return

@@ -17,11 +17,14 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
-from usf_bios.api.routes import datasets, jobs, keys, models, presets, remote, system
+from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
+                                 remote, system)
+from usf_bios.api.routes.openai_common import install_inference_log
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
 from usf_bios.datasets.formats import DatasetError
+from usf_bios.inference.engine import InferenceEngine
 from usf_bios.settings import Settings
 from usf_bios.spec import field_errors
 from usf_bios.storage import StorageLayout
@@ -95,6 +98,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_key_redaction()   # uvicorn has configured its loggers by now
+        install_inference_log()
         sweep_orphan_uploads(app.state.layout)
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")
@@ -105,6 +109,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         if start_scheduler:
             app.state.scheduler.start()
         yield
+        app.state.inference.close()
         app.state.scheduler.stop()
         app.state.db.engine.dispose()
 
@@ -114,6 +119,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     app.state.layout = StorageLayout.from_settings(settings)
     app.state.layout.ensure()
     app.state.auth_required = settings.require_auth or not is_loopback(host)
+    app.state.inference = InferenceEngine(max_adapters=settings.max_loaded_adapters, idle_s=settings.inference_idle_s,
+                                          queue_size=settings.inference_queue, max_batch=settings.inference_batch)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,6 +149,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     for module in (system, keys, remote, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
+    app.include_router(openai_inference.admin_router, prefix="/api")
+    app.include_router(exports.router, prefix="/api")
+    for module in (openai_inference, openai_finetune):   # the OpenAI-compatible surface (docs/inference.md)
+        app.include_router(module.router, prefix="/v1")
     mount_web(app)
     return app
 

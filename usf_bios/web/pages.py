@@ -63,6 +63,13 @@ def compare(request: Request, jobs: Annotated[list[str], Query()] = []) -> HTMLR
                        chosen=list(dict.fromkeys(chosen))[:MAX_COMPARED], max_compared=MAX_COMPARED)
 
 
+@router.get("/chat", response_class=HTMLResponse)
+def chat(request: Request, model: Annotated[list[str], Query()] = []) -> HTMLResponse:  # noqa: B006
+    """``?model=a&model=b``: the models ticked when the page opens."""
+    chosen = [m for part in model for m in part.split(",") if m.strip()]
+    return render_page(request, "chat.html", "chat", "Chat", chosen=list(dict.fromkeys(chosen))[:MAX_COMPARED])
+
+
 @router.get("/keys", response_class=HTMLResponse)
 def keys(request: Request) -> HTMLResponse:
     return render_page(request, "keys.html", "keys", "API keys")

@@ -118,6 +118,7 @@ function showStatus(state) {
   document.getElementById("cancel-job").hidden = !statusIn("cancellable", state.status);
   document.getElementById("resume-job").hidden = !statusIn("resumable", state.status);
   document.getElementById("download-adapter").hidden = state.status !== "completed";
+  document.getElementById("chat-adapter").hidden = state.status !== "completed";
   root.dataset.status = state.status;
   showPlacement();
 }
