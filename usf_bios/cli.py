@@ -44,8 +44,10 @@ def train(
                                                    "the spec file's fields win. `usf-bios presets` lists them.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
 ) -> None:
-    """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled."""
+    """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled; 2 when
+    the spec, the model, the dataset or the device is refused before the job exists (nothing is created)."""
     from usf_bios.engine.jobdir import ResumeRefused, create_job, locked_spec
+    from usf_bios.engine.preflight import PreflightError, preflight
     from usf_bios.engine.run import EXIT_CODES, run_job
     from usf_bios.spec import SpecError, diff_specs, load_spec
 
@@ -61,20 +63,21 @@ def train(
         elif spec is None:
             raise _fail("give a spec file, or --resume JOB_ID")
         else:
+            preflight(spec, layout, get_settings().supported_model_sources)   # a fault: one line, nothing created
             job_id = create_job(spec, layout)
-    except (SpecError, ResumeRefused) as err:
+    except (SpecError, ResumeRefused, PreflightError) as err:
         raise _fail(str(err)) from None
-    console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False)
-    console.print(f"log {layout.job_log(job_id)}", highlight=False)
+    console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False, soft_wrap=True)
+    console.print(f"log {layout.job_log(job_id)}", highlight=False, soft_wrap=True)
     try:
         result = run_job(job_id, layout, show_progress=not quiet and console.is_terminal,
                          echo=not quiet and not console.is_terminal)
     except ResumeRefused as err:
         raise _fail(str(err)) from None
     if result.status == JobStatus.COMPLETED:
-        console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False)
+        console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False, soft_wrap=True)
     elif result.status == JobStatus.CANCELLED:
-        console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False)
+        console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False, soft_wrap=True)
     else:
         err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_CODES[result.status])
@@ -234,7 +237,7 @@ def demo(
     table.add_column("with the trained adapter", width=50)
     table.add_row(base_answer, tuned_answer)
     console.print(table)
-    console.print(f"adapter: {result.output_dir}", highlight=False)
+    console.print(f"adapter: {result.output_dir}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("import-gguf")
@@ -252,7 +255,7 @@ def import_gguf_cmd(
             folder = import_gguf(gguf_file, name, _layout(), overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, PathOutsideRoot) as err:
         raise _fail(str(err)) from None
-    console.print(f"imported {name} → {folder}", highlight=False)
+    console.print(f"imported {name} → {folder}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")

@@ -3,7 +3,7 @@ points, checkpoints, log, the finished adapter). No HTTP here: failures are doma
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
@@ -21,7 +21,8 @@ from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePub
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
-from usf_bios.engine.model import device_problems
+from usf_bios.control.executors.base import Executor, Resources
+from usf_bios.engine.preflight import device_faults
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
 from usf_bios.models.inspect import folder_size
@@ -30,15 +31,26 @@ from usf_bios.storage import StorageLayout
 MAX_LIST = 500
 
 
-def check_request(caller: Caller, spec: JobSpec) -> None:
+def check_request(caller: Caller, spec: JobSpec, offered: Resources | None = None, *, local: bool = False) -> None:
     """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
-    (the model's own Python code would run in the engine with the server's rights), and what the engine would
-    refuse on any machine (``device_problems``: the first, as Invalid naming its field)."""
+    (the model's own Python code would run in the engine with the server's rights), and the device rules
+    (``engine.preflight.device_faults``: what the engine refuses on any machine; with ``offered``, the executor's
+    resources, also more GPUs than it has, and a quantized model without bitsandbytes where it runs here). The
+    first fault is raised as Invalid naming its field."""
     if spec.trust_remote_code and not caller.is_admin:
         raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
                         "own Python code in the engine)")
-    if problems := device_problems(spec):
+    if problems := device_faults(spec, None if offered is None else offered.gpus, local=local):
         raise Invalid(*problems[0])
+
+
+def executor_resources(spec: JobSpec, settings: Settings, executors: Mapping[str, Executor]) -> tuple[Resources, bool]:
+    """The resources of the executor the job would run on, and whether that is this host (local); Invalid when the
+    server has no such executor (the scheduler would fail the job)."""
+    name = executor_for(spec, settings)
+    if name not in executors:
+        raise Invalid("gpu_config.executor", f"this server has no {name!r} executor (it has: {', '.join(executors)})")
+    return executors[name].resources(), name == "local"
 
 
 def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
@@ -61,8 +73,13 @@ def executor_for(spec: JobSpec, settings: Settings) -> str:
     return settings.executor if spec.gpu_config.executor == "default" else spec.gpu_config.executor
 
 
-def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
-    """Lock the spec (with the model folder and dataset file it resolves to) and queue the job."""
+def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec,
+               executors: Mapping[str, Executor] | None = None) -> Job:
+    """Lock the spec (with the model folder and dataset file it resolves to) and queue the job. With
+    ``executors`` (the scheduler's), what they could not run is refused first, as the scheduler would."""
+    if executors is not None:
+        offered, local = executor_resources(spec, settings, executors)
+        check_request(caller, spec, offered, local=local)
     model, dataset = resolve_references(session=session, caller=caller, spec=spec)
     locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
     job_id = create_job(locked, layout)
@@ -178,16 +195,28 @@ def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes
     return {"job.yaml": yaml.safe_dump(spec, sort_keys=False).encode()}
 
 
-def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings) -> EstimatePublic:
+def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings,
+             executors: Mapping[str, Executor] | None = None) -> EstimatePublic:
     """The job's estimate from its dataset's token lengths; Invalid where the model's config cannot be read or the
-    engine would refuse the speed switches."""
+    engine would refuse the speed switches. With ``executors``, ``warning`` says what a submit would be refused
+    for here (the estimate itself still answers: a spec may be planned for other hardware)."""
     import json
 
     from usf_bios.control.estimate import estimate_job
     from usf_bios.engine.plan import SpeedPlanError
 
+    warning = None
+    if executors is not None:
+        try:
+            offered, local = executor_resources(spec, settings, executors)
+            faults = device_faults(spec, offered.gpus, local=local)
+        except Invalid as refused:
+            faults = [(refused.field, refused.reason)]
+        if faults:
+            warning = "a submit would be refused here: {}: {}".format(*faults[0])
     try:
-        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+        answer = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+        return answer.model_copy(update={"warning": warning})
     except (OSError, json.JSONDecodeError) as exc:
         raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
     except SpeedPlanError as exc:

@@ -264,6 +264,9 @@ class EstimatePublic(_Out):
     price_per_gpu_hour: float
     gpu_type: str
     assumptions: str
+    device: str = Field(description="The device the figures assume: 'the CPU', '1 × H100', …")
+    warning: str | None = Field(None, description="What a submit of this spec would be refused for on this server "
+                                                  "(e.g. a GPU asked for on a host without one); null when none.")
 
 
 # --- presets --------------------------------------------------------------------------------------------------
