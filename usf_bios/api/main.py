@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
+from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
 from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
@@ -81,7 +82,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         app.state.scheduler.stop()
         app.state.db.engine.dispose()
 
-    app = FastAPI(title="USF BIOS", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="USF BIOS", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hostable LoRA / QLoRA fine-tuning: datasets, models, jobs, live metrics.")
     app.state.settings = settings
     app.state.layout = StorageLayout.from_settings(settings)
@@ -115,6 +116,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
 
     for module in (system, keys, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
+    mount_docs(app)   # /docs and /redoc with their assets from a wheel, no CDN
     mount_web(app)
     return app
 
