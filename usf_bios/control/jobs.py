@@ -3,11 +3,12 @@ points, checkpoints, log, the finished adapter). No HTTP here: failures are doma
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from usf_bios.control import lifecycle
@@ -26,7 +27,7 @@ from usf_bios.engine.preflight import device_faults
 from usf_bios.settings import Settings
 from usf_bios.spec import JobSpec
 from usf_bios.models.inspect import folder_size
-from usf_bios.storage import StorageLayout
+from usf_bios.storage import StorageLayout, confine
 
 MAX_LIST = 500
 
@@ -105,8 +106,9 @@ def job_public(session: Session, job: Job, artifact: Artifact | None = None) -> 
     if artifact is None and job.status == JobStatus.COMPLETED.value:
         artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
     return JobPublic.model_validate({
-        **{name: getattr(job, name) for name in JobPublic.model_fields if name not in ("spec", "artifact", "metrics")},
-        "metrics": job.metrics or {}, "spec": job.request,
+        **{name: getattr(job, name) for name in JobPublic.model_fields
+           if name not in ("spec", "artifact", "metrics", "resumable")},
+        "metrics": job.metrics or {}, "spec": job.request, "resumable": can_resume(job),
         "artifact": ArtifactRef.model_validate(artifact) if artifact else None,
     })
 
@@ -152,6 +154,29 @@ def cancel_job(*, session: Session, job: Job) -> None:
 
 def resume_job(*, session: Session, job: Job) -> None:
     _transition(session, job, "resume")
+
+
+def delete_job(*, session: Session, layout: StorageLayout, job: Job) -> None:
+    """A final job's row, its metric points and artifact, and its files (output folder, checkpoints, log, events);
+    Conflict while it is not final (cancel it first)."""
+    if not JobStatus(job.status).is_terminal:
+        raise Conflict(f"job {job.id} is {job.status}; cancel it first, then delete it")
+    session.execute(delete(MetricPoint).where(MetricPoint.job_id == job.id))
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id))
+    session.delete(job)
+    session.commit()
+    for folder in (layout.job_output(job.id), layout.job_checkpoints(job.id)):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in (layout.job_log(job.id), layout.job_events(job.id), confine(layout.logs, f"{job.id}.out")):
+        path.unlink(missing_ok=True)
+
+
+def can_resume(job: Job) -> bool:
+    """Whether resuming can help: a cancelled or interrupted job, or a failed one that got as far as training
+    (a failure before it — a model, dataset or device the locked spec cannot use — would only repeat)."""
+    if JobStatus.QUEUED not in lifecycle.ALLOWED[JobStatus(job.status)]:
+        return False
+    return job.status != JobStatus.FAILED.value or bool(job.total_steps)
 
 
 def job_metrics(*, session: Session, job: Job) -> list[MetricPointPublic]:

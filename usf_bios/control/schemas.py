@@ -205,6 +205,8 @@ class JobPublic(_Out):
     executor: str = Field(description="Where the job runs: the executor that started it (local).")
     spec: dict[str, Any] = Field(description="The job spec as it was submitted.")
     artifact: ArtifactRef | None
+    resumable: bool = Field(description="Whether resuming can help: cancelled or interrupted, or failed after "
+                                        "training began (a failure before it would repeat with the same spec).")
 
 
 class JobsPublic(_Out):

@@ -1,4 +1,4 @@
-"""Jobs: create, estimate, list, inspect, cancel, resume, metrics, logs, checkpoints, download, live events."""
+"""Jobs: create, estimate, list, inspect, cancel, resume, delete, metrics, logs, checkpoints, download, live events."""
 
 from __future__ import annotations
 
@@ -78,6 +78,14 @@ def resume(job_id: str, request: Request, caller: CurrentCaller, session: Sessio
     jobs.resume_job(session=session, job=job)
     request.app.state.scheduler.wake()
     return jobs.job_public(session, job)
+
+
+@router.delete("/jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={409: {"description": "the job is not final: cancel it first"}})
+def delete(job_id: str, caller: CurrentCaller, session: SessionDep, layout: LayoutDep) -> None:
+    """A final job (completed, failed, cancelled): its row, metric points, artifact and files (adapter,
+    checkpoints, log). 409 while it is queued or running."""
+    jobs.delete_job(session=session, layout=layout, job=jobs.get_job(session=session, caller=caller, job_id=job_id))
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=list[MetricPointPublic])
