@@ -102,6 +102,9 @@ class DatasetDetail(DatasetPublic):
     token_stats_model: ModelRef | None = None
     token_stats_error: str | None = None
     length_histogram: list[LengthBucket] | None = None
+    template_system_prompt: str | None = Field(None, description=(
+        "The system message token_stats_model's chat template adds to a conversation that has none (it is in the "
+        "token counts, and in training); null when it adds none."))
 
 
 class PreviewMessage(_Out):
@@ -112,6 +115,8 @@ class PreviewMessage(_Out):
 class PreviewExample(_Out):
     line: int
     messages: list[PreviewMessage]
+    templated: bool = Field(True, description="Rendered with the model's chat template (false: the text format, "
+                                              "plain text without a template).")
 
 
 # --- models ---------------------------------------------------------------------------------------------------
