@@ -210,6 +210,9 @@ def demo(
     steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 16,
 ) -> None:
     """Import SmolLM2-135M-Instruct offline, teach it a made-up fact on the CPU, and compare answers."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")   # read when tqdm is imported: the GGUF import's bar stays quiet
     from usf_bios import demo as demo_mod
     from usf_bios.engine.jobdir import create_job
     from usf_bios.engine.run import run_job
@@ -228,15 +231,15 @@ def demo(
     job_id = create_job(spec, layout)
     questions = len(demo_mod.TRAIN_QUESTIONS)
     console.print(f"The fact to teach (made up, so no model has seen it): [bold]“{demo_mod.FACT_ANSWER}”[/]",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     console.print(f"Training job [bold]{job_id}[/] on {questions} ways of asking who founded Velmora, each answered "
-                  f"with that sentence ({steps} steps, CPU).", highlight=False)
+                  f"with that sentence ({steps} steps, CPU).", highlight=False, soft_wrap=True)
     result = run_job(job_id, layout, show_progress=console.is_terminal, echo=not console.is_terminal)
     if result.status != JobStatus.COMPLETED:
         raise _fail(f"training {result.status}: {result.error}", 1)
     question = demo_mod.HELD_OUT_QUESTION
     console.print(f"Asking a question that was not among the {questions} training questions: [bold]“{question}”[/]",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     base_answer = answer(*load_chat_model(base), question)
     tuned_answer = answer(*load_chat_model(base, result.output_dir), question)
     table = Table(title=f"“{question}”", show_lines=True)
@@ -244,7 +247,7 @@ def demo(
     table.add_column("with the trained adapter", width=50)
     table.add_row(base_answer, tuned_answer)
     console.print(table)
-    console.print(demo_mod.verdict(base_answer, tuned_answer), highlight=False)
+    console.print(demo_mod.verdict(base_answer, tuned_answer), highlight=False, soft_wrap=True)
     console.print(f"adapter: {result.output_dir}", highlight=False, soft_wrap=True)
     console.print(f"log: {layout.job_log(job_id)}", highlight=False, soft_wrap=True)
 
