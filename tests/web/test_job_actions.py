@@ -82,3 +82,8 @@ def test_a_failed_setup_offers_edit_and_rerun_not_resume(server, page, tiny_mode
     expect(page.locator("#job-status")).to_have_text("completed", timeout=120_000)
     expect(page.locator("#use-adapter")).to_be_visible()
     expect(page.locator("#no-adapter")).to_be_hidden()
+    # the snippet's long base-model path wraps inside the box instead of being cut off
+    snippet = page.locator("#snippet")
+    expect(snippet).to_contain_text(str(server.home / "models" / "test--tiny"))
+    assert snippet.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+    assert snippet.evaluate("e => e.scrollWidth <= e.clientWidth"), "the snippet scrolls sideways"
