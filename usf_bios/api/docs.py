@@ -1,5 +1,5 @@
-"""/docs (Swagger UI) and /redoc from files shipped in a wheel, not a CDN: the fastapi-offline package carries
-Swagger UI's and ReDoc's built assets (MIT, like this project's other vendored scripts), served here under
+"""/docs (Swagger UI) and /redoc from files shipped in a wheel, not a CDN: the fastapi-offline package (MIT) carries
+the built assets of Swagger UI (Apache-2.0) and ReDoc (MIT) with their licence headers, served here under
 /static-docs. FastAPI's own pages would load them from jsDelivr (and ReDoc its fonts from Google). A
 Content-Security-Policy keeps both pages on this server: ReDoc's sidebar links a logo from its CDN, which the
 browser then never fetches (ReDoc hides the image when it does not load)."""
