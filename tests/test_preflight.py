@@ -89,3 +89,16 @@ def test_a_good_spec_still_trains_and_prints_unwrapped_paths(layout, tiny_model,
     lines = result.stdout.splitlines()
     assert lines[0].endswith(f"output {job_dir}")   # piped: a long path is not wrapped onto a second line
     assert any(line.startswith("completed job") and line.endswith(str(job_dir)) for line in lines)
+
+
+def test_resume_checks_the_locked_spec_first(layout, tiny_model, tmp_path):
+    from usf_bios.engine.jobdir import create_job
+    from usf_bios.spec import load_spec
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
+    job_id = create_job(load_spec(_spec(tmp_path, tiny_model, data)), layout)
+    data.unlink()                                   # the locked dataset is gone since
+    result = usf("train", "--resume", job_id)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: dataset: dataset") and "Traceback" not in result.stderr
+    assert not layout.job_log(job_id).exists() and not layout.job_events(job_id).exists()   # the engine never ran

@@ -59,6 +59,7 @@ def train(
             changes = diff_specs(locked, spec) if spec else []
             if changes:
                 raise ResumeRefused(f"the spec differs from job {resume}'s locked spec:\n  " + "\n  ".join(changes))
+            preflight(locked, layout, get_settings().supported_model_sources)   # its model or data may be gone
             job_id = resume
         elif spec is None:
             raise _fail("give a spec file, or --resume JOB_ID")
