@@ -107,6 +107,7 @@ def serve(
 
     settings = get_settings()
     host = host or settings.host
+    log_to_stderr()
     application = create_app(settings, host)
     if application.state.auth_required:
         why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
@@ -114,6 +115,26 @@ def serve(
     # open event streams never end by themselves: give them SHUTDOWN_GRACE_S on SIGTERM, then close them
     uvicorn.run(application, host=host, port=port or settings.port, log_level="info",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+@app.command()
+def worker(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+) -> None:
+    """Run the GPU worker: the /training/* contract for a control plane (needs GPU_CLUSTER_API_KEY)."""
+    import uvicorn
+
+    from usf_bios.worker.app import WorkerKeyMissing, create_worker_app
+    from usf_bios.worker.service import worker_settings
+
+    log_to_stderr()
+    try:
+        application = create_worker_app(worker_settings())
+    except WorkerKeyMissing as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    uvicorn.run(application, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 @keys_app.command("create")
@@ -136,6 +157,18 @@ def create_key_cmd(
 
 
 SHUTDOWN_GRACE_S = 5
+
+
+def log_to_stderr() -> None:
+    """The server's own log lines (scheduler, remote executor, worker) beside uvicorn's, at INFO."""
+    import logging
+
+    logger = logging.getLogger("usf_bios")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 DEFAULT_BENCH = ["llama3.1-8b-lora-bf16-4096", "qwen2.5-7b-lora-bf16-4096", "llama3.1-8b-qlora-nf4-4096"]

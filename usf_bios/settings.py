@@ -43,9 +43,49 @@ class Settings(BaseSettings):
     max_json_kb: int = Field(1024, ge=1, le=1_048_576, validation_alias="USF_MAX_JSON_KB",
                              description="Largest JSON request body (413 past it, before it is read whole).")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
-    executor: Literal["local"] = Field(
+    executor: Literal["local", "remote"] = Field(
         "local", validation_alias="USF_EXECUTOR",
-        description="Where jobs run unless their gpu_config.executor names one: local (a process on this host).")
+        description="Where jobs run unless their gpu_config.executor names one: local (a process on this host) or "
+                    "remote (the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL).")
+    gpu_cluster_api_url: str | None = Field(
+        None, validation_alias="GPU_CLUSTER_API_URL",
+        description="The remote GPU worker (`usf-bios worker`) or a RunPod endpoint (https://api.runpod.ai/v2/ID) "
+                    "that remote jobs run on.")
+    gpu_cluster_api_key: str | None = Field(
+        None, validation_alias="GPU_CLUSTER_API_KEY", repr=False,
+        description="The worker's bearer key: the control plane sends it, `usf-bios worker` requires it.")
+    remote_api: Literal["auto", "worker", "runpod"] = Field(
+        "auto", validation_alias="USF_REMOTE_API",
+        description="How GPU_CLUSTER_API_URL is spoken to: worker (the /training/* contract), runpod (RunPod's "
+                    "/run, /status, /cancel); auto: runpod for *.runpod.ai URLs, else worker.")
+    callback_secret: str | None = Field(
+        None, validation_alias="USF_CALLBACK_SECRET", repr=False,
+        description="HMAC secret of the worker's callbacks (X-USF-Signature); the same on both sides.")
+    callback_interval_s: float = Field(5.0, ge=0, le=3600, validation_alias="USF_CALLBACK_INTERVAL_S",
+                                       description="Least seconds between two metric callbacks of one job (batched).")
+    public_url: str | None = Field(
+        None, validation_alias="USF_PUBLIC_URL",
+        description="The control plane's URL as a worker reaches it (signed dataset URLs and callbacks); default "
+                    "http://USF_HOST:USF_PORT.")
+    signed_url_ttl_s: int = Field(86400, ge=60, le=30 * 86400, validation_alias="USF_SIGNED_URL_TTL_S",
+                                  description="Lifetime of a signed dataset URL handed to a worker.")
+    signing_secret: str | None = Field(
+        None, validation_alias="USF_SIGNING_SECRET", repr=False,
+        description="HMAC secret of signed dataset URLs; unset: a random one kept in USF_HOME/secrets/.")
+    remote_poll_s: float = Field(10.0, gt=0, le=3600, validation_alias="USF_REMOTE_POLL_S",
+                                 description="Seconds between two status polls of a remote job (callbacks wake it sooner).")
+    remote_timeout_s: float = Field(120.0, gt=0, validation_alias="USF_REMOTE_TIMEOUT_S",
+                                    description="A remote job whose worker does not answer this long is interrupted "
+                                                "(then submitted again, up to USF_MAX_ATTEMPTS).")
+    worker_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias="USF_WORKER_ALLOWED_HOSTS",
+        description="Host names (comma-separated) the worker may fetch datasets from although they resolve to "
+                    "loopback or private addresses (e.g. the control plane inside a cluster).")
+    worker_trust_remote_code: bool = Field(
+        False, validation_alias="USF_WORKER_TRUST_REMOTE_CODE",
+        description="Let submits to this worker set trust_remote_code: true (the model's own Python code runs).")
+    max_artifact_mb: int = Field(20480, ge=1, validation_alias="USF_MAX_ARTIFACT_MB",
+                                 description="Largest artifact a RunPod handler may upload for a remote job.")
     max_cpu_jobs: int = Field(1, ge=0, validation_alias="USF_MAX_CPU_JOBS", description="CPU jobs (num_gpus: 0) at once.")
     cpu_threads_per_job: int | None = Field(
         None, ge=1, le=4096, validation_alias="USF_CPU_THREADS_PER_JOB",
@@ -74,7 +114,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown model source(s) {unknown}; allowed: {', '.join(MODEL_SOURCES)}")
         return value
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "worker_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):

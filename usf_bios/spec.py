@@ -99,19 +99,21 @@ class Performance(_Strict):
         "step go through the model in as few passes as free GPU memory holds without recomputation (the gradient is "
         "a sum over tokens, so it is unchanged). Memory use grows towards what is free on the card; off keeps the "
         "configured micro-batches and the smallest footprint (Llama-3.1-8B on an H200: 6% slower, 36 GB instead of "
-        "91 GB).")
+        "91 GB); on also merges the passes of a plan that recomputes every layer (checkpointing all or offload).")
     checkpointing: Literal["auto", "all", "offload"] = Field(
-        "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs; "
-        "all recomputes every layer; offload also keeps in host memory the saved layer inputs that do not fit on the "
-        "GPU (longest contexts).")
+        "auto", description="With gradient_checkpointing on: auto recomputes only as many layers as GPU memory needs "
+        "(quantized models too; every layer on the CPU); all recomputes every layer (the smallest footprint); offload "
+        "also keeps in host memory the saved layer inputs that do not fit on the GPU, copied while the layers compute "
+        "(longest contexts).")
 
 
 class GpuConfig(_Strict):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
     gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
-    executor: Literal["default", "local"] = Field(
+    executor: Literal["default", "local", "remote"] = Field(
         "default", description="Where the job runs: default = the server's USF_EXECUTOR; local = a process on the "
-        "server's host. How a job is run, not what it learns: left out of the resume check.")
+        "server's host; remote = the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL. How a job is run, not "
+        "what it learns: left out of the resume check.")
 
 
 class JobSpec(_Strict):

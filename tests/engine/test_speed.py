@@ -360,12 +360,14 @@ def test_merging_needs_varlen_attention_on_a_gpu():
 def test_merging_a_plan_that_recomputes_every_layer_only_when_asked():
     qlora = Hyperparameters(quantization="4bit")
     auto = plan_module.plan_for(Performance(), qlora, cuda=True, liger=True)
-    assert auto.checkpointing == "all" and auto.merge_micro_batches is False
-    on = plan_module.plan_for(Performance(merge_micro_batches="on"), qlora, cuda=True, liger=True)
-    assert on.checkpointing == "all" and on.merge_micro_batches is True
-    with pytest.raises(SpeedPlanError, match="merge_micro_batches"):
-        plan_module.plan_for(Performance(merge_micro_batches="on", checkpointing="offload"), qlora, cuda=True,
-                             liger=True)
+    assert auto.checkpointing == "auto" and auto.merge_micro_batches is True   # as bf16 LoRA: what fits is kept
+    for checkpointing in ("all", "offload"):
+        every = plan_module.plan_for(Performance(checkpointing=checkpointing), qlora, cuda=True, liger=True)
+        assert every.checkpointing == checkpointing and every.merge_micro_batches is False
+        on = plan_module.plan_for(Performance(merge_micro_batches="on", checkpointing=checkpointing), qlora,
+                                  cuda=True, liger=True)
+        assert on.checkpointing == checkpointing and on.merge_micro_batches is True
+    assert plan_module.plan_for(Performance(), qlora, cuda=False, liger=False).checkpointing == "all"
 
 
 def test_compiled_layers_match_the_plain_path(reference):
@@ -427,12 +429,48 @@ def test_offload_keeps_on_the_gpu_what_fits_and_gradients_do_not_change(referenc
     assert counts == [3, 3]
 
 
+def count_host_copies(monkeypatch) -> list:
+    """Every ``HostCopies`` the engine makes from now on, in a list (to read their fetch counters)."""
+    trackers = []
+
+    class Counted(offload.HostCopies):
+        def __init__(self):
+            super().__init__()
+            trackers.append(self)
+
+    monkeypatch.setattr(offload, "HostCopies", Counted)
+    return trackers
+
+
+@pytest.mark.parametrize("offloaded, ahead, late", [(1, 1, 0), (3, 2, 1)])
+def test_offloaded_inputs_come_back_ahead_of_their_backward_pass(reference, monkeypatch, offloaded, ahead, late):
+    """Each layer's backward pass starts fetching the input of the layer whose backward pass comes next; only the
+    last layer's, needed first, comes back late. Gradients do not change."""
+    trackers = count_host_copies(monkeypatch)
+    monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: offloaded)
+    assert_same(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+    assert len(trackers) == 1 and (trackers[0].fetched_ahead, trackers[0].fetched_late) == (ahead, late)
+    assert trackers[0]._waiting == [] or all(ref() is None for ref in trackers[0]._waiting)
+
+
+def test_an_abandoned_pass_leaves_no_input_waiting_in_host_memory(monkeypatch):
+    monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: layers)
+    model, applied, _ = lora_model(dataclasses.replace(PLAIN, checkpointing="offload"))
+    tracker = offload.decoder_layers(model)[0]._gradient_checkpointing_func.keywords["copies"]
+    value = loss_sum(model, packed_batch(), loss=applied.loss, attention=applied.attention)
+    assert len(tracker._waiting) == 3 and all(ref() is not None for ref in tracker._waiting)
+    del value   # no backward pass: the graph, and with it the host copies, are gone
+    assert all(ref() is None for ref in tracker._waiting)
+    tracker.fetch_next(torch.device("cpu"))
+    assert tracker._waiting == [] and tracker.fetched_ahead == 0
+
+
 def test_layers_to_offload_fills_the_gpu_first():
     gib = 2**30
     args = dict(num_layers=32, working_bytes=350_000 * 150_000, layer_input_bytes=350_000 * 8192)
     room = 100 * gib - memory.HEADROOM_BYTES - 350_000 * 150_000
     partly = memory.layers_to_offload(free_bytes=100 * gib, **args)
-    assert 0 < partly < 32 and partly == 32 - room // (350_000 * 8192)
+    assert 0 < partly < 32 and partly == 32 - (room // (350_000 * 8192) - 1)  # one room for the input fetched ahead
     assert memory.layers_to_offload(free_bytes=500 * gib, **args) == 0
     assert memory.layers_to_offload(free_bytes=10 * gib, **args) == 32  # not even the working set fits
 
@@ -490,6 +528,23 @@ def quantized_loss_and_grads(plan: SpeedPlan, calls: dict[str, int] | None = Non
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g.abs().sum() > 0 for g in grads.values())
     return value.detach(), grads
+
+
+def test_qlora_auto_recomputes_only_the_layers_that_do_not_fit(monkeypatch):
+    """QLoRA's default on a GPU: as bf16 LoRA, only the layers that do not fit recompute (here the first of three,
+    as the memory model would pick with little free memory); the 4-bit layers of that one keep their dequantized
+    weight from the recomputed forward, the others dequantize again in the backward. Same loss and gradients as
+    peft on bitsandbytes, recomputing nothing."""
+    monkeypatch.setattr(offload, "free_gpu_bytes", lambda model: 0)
+    monkeypatch.setattr(offload, "layers_to_recompute", lambda layers, *rest: 1)
+    plain = quantized_loss_and_grads(PLAIN)
+    kept = []
+    original = fused_lora._LoraLinear4bit.apply
+    monkeypatch.setattr(fused_lora._LoraLinear4bit, "apply", lambda *args: kept.append(args[-1]) or original(*args))
+    fused = quantized_loss_and_grads(dataclasses.replace(PLAIN, checkpointing="auto", fused_lora=True))
+    assert_same(fused, plain, rtol=1e-4, atol=1e-5)
+    # layer 0: checkpointed forward + recomputed forward (both marked), layers 1-2: one forward each
+    assert kept == [True] * 7 + [False] * 14 + [True] * 7
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "all", "offload"])

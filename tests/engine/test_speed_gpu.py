@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.engine.test_speed import PLAIN, packed_batch, spec
+from tests.engine.test_speed import PLAIN, count_host_copies, packed_batch, spec
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
 from usf_bios.engine.loop import make_optimizer
@@ -91,7 +91,7 @@ def test_auto_plan_on_cuda_takes_the_fast_paths():
     assert plan.loss == ("fused" if HAS_LIGER else "chunked")
     assert plan.fused_kernels == HAS_LIGER and plan.merge_micro_batches is True
     assert resolve_plan(Performance(checkpointing="offload"), Hyperparameters(), GPU).loss == "chunked"
-    assert resolve_plan(Performance(), Hyperparameters(quantization="4bit"), GPU).checkpointing == "all"
+    assert resolve_plan(Performance(), Hyperparameters(quantization="4bit"), GPU).checkpointing == "auto"
 
 
 def test_flash_varlen_attention_matches_the_masked_sdpa(reference):
@@ -114,8 +114,12 @@ def test_offloaded_checkpointing_matches_on_cuda(reference):
 def test_inputs_offloaded_to_pinned_host_memory_match_on_cuda(reference, monkeypatch):
     from usf_bios.engine import offload
 
+    trackers = count_host_copies(monkeypatch)
     monkeypatch.setattr(offload, "_offload_count", lambda model, layers, *rest: layers)
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, checkpointing="offload")), reference)
+    # copied on a side stream; the first layer's input came back ahead of its backward pass, the last one's late
+    assert trackers and trackers[0]._stream is not None
+    assert (trackers[0].fetched_ahead, trackers[0].fetched_late) == (1, 1)
 
 
 @pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")

@@ -13,6 +13,8 @@ FastAPI reads a JSON body whole before it resolves the route's dependencies, so 
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import Headers
@@ -21,6 +23,9 @@ from starlette.responses import JSONResponse
 from usf_bios.control.keys import Caller
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SIGNED_WRITES = frozenset({"/api/callbacks/training"})   # a worker's callbacks carry a signature, not an API key
+# a RunPod handler's artifact upload: a signed URL, and a tar streamed to disk by its route (not a JSON body)
+SIGNED_UPLOAD = re.compile(r"^/api/jobs/[^/]+/artifact$")
 Authenticate = Callable[[str | None], Awaitable["Caller | None"]]
 
 
@@ -36,11 +41,12 @@ class BodyGuard:
         self.app, self.max_json_bytes, self.authenticate = app, max_json_bytes, authenticate
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in WRITES or not scope["path"].startswith("/api/"):
+        if (scope["type"] != "http" or scope["method"] not in WRITES or not scope["path"].startswith("/api/")
+                or (scope["method"] == "PUT" and SIGNED_UPLOAD.match(scope["path"]))):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if self.authenticate is not None:
+        if self.authenticate is not None and scope["path"] not in SIGNED_WRITES:
             key = bearer(headers.get("authorization"))
             caller = await self.authenticate(key) if key else None
             if caller is None:

@@ -1,7 +1,7 @@
 """No API key in the server's log: uvicorn logs each request's path with its query string (``uvicorn.access``)
 and each WebSocket handshake's (``uvicorn.error``), and browsers send their key as ``?token=usf_…`` on the
 WebSocket URL. A filter on both loggers rewrites the value of ``token=`` and of any query parameter whose value
-starts with ``usf_`` (and any other ``usf_…`` key in a message) to ``[redacted]`` before a handler sees it."""
+starts with ``usf_``, and the ``sig=`` of a signed dataset URL (and any other ``usf_…`` key in a message) to ``[redacted]`` before a handler sees it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 
 REDACTED = "[redacted]"
 UVICORN_LOGGERS = ("uvicorn.access", "uvicorn.error")
-_QUERY_VALUE = re.compile(r"(?P<name>[?&](?:token|[^=&\s\"']+(?==usf_))=)[^&\s\"'#]*", re.IGNORECASE)
+_QUERY_VALUE = re.compile(r"(?P<name>[?&](?:token|sig|[^=&\s\"']+(?==usf_))=)[^&\s\"'#]*", re.IGNORECASE)
 _KEY = re.compile(r"usf_[A-Za-z0-9_-]{16,}")
 
 

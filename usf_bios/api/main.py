@@ -16,7 +16,7 @@ from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
-from usf_bios.api.routes import datasets, jobs, keys, models, presets, system
+from usf_bios.api.routes import datasets, jobs, keys, models, presets, remote, system
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
@@ -114,7 +114,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
                        authenticate=_authenticator(app) if app.state.auth_required else None)
     app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)   # added last: runs first
 
-    for module in (system, keys, datasets, models, jobs, presets):
+    for module in (system, keys, remote, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")
     mount_docs(app)   # /docs and /redoc with their assets from a wheel, no CDN
     mount_web(app)

@@ -7,7 +7,9 @@ default speed switches; tests/control/test_estimate.py holds the estimate to tho
   as in the bench (4·N per token, recomputation not counted, so its cost is inside the measured MFU). The MFU
   grows with the model (small models are bound by kernel launches): it is interpolated in log N between the
   measured SmolLM2-135M (H100, 2026-11-23) and Llama-3.1-8B points. Other GPUs: that MFU × their peak (the
-  H100 has the H200's dense bf16 peak but slower memory: it measured about 6% fewer tokens/s).
+  H100 has the H200's dense bf16 peak but slower memory: it measured about 6% fewer tokens/s). A quantized model's
+  MFU is bf16 LoRA's times a measured ratio that falls with the share of decoder layers the plan recomputes (QLoRA's
+  default recomputes only what does not fit, like bf16 LoRA's).
 - Peak memory = weights (embeddings and output layer stay 16-bit under quantization) + LoRA weights with their
   gradients and AdamW state + what the decoder layers keep for the backward pass (the engine's own per-token
   estimate, ``engine.memory.activation_estimate``, its choice of layers to recompute and, when micro-batches
@@ -31,14 +33,19 @@ GPU_MEMORY_GIB = {"H100": 79.2, "H200": 139.8, "A100": 79.2, "L40S": 44.4, "A10G
 # (parameters, measured MFU) of our engine, bf16 LoRA, 4096-token rows: SmolLM2-135M on the H100 (2026-11-23), the
 # 7-8B models on the H200 (2026-12-01, default plan: loss fused)
 MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.5289), (8_030_261_248, 0.5173))
-# Llama-3.1-8B NF4 (every layer recomputed) ÷ bf16 LoRA, both with the chunked loss in one call (2026-12-01 evening)
+# QLoRA's MFU ÷ bf16 LoRA's on Llama-3.1-8B, where every decoder layer recomputes (NF4 'all', both with the chunked
+# loss in one call, 2026-12-01 evening) and where none does (NF4 'auto' on the H200, one merged pass a step, against
+# bf16 LoRA's default, 2026-12-02 calls 2 and 3: docs/benchmarks.md); a share of recomputed layers in between is
+# interpolated
 MEASURED_QLORA_MFU_RATIO = 0.2772 / 0.5030
+MEASURED_QLORA_KEEP_MFU_RATIO = 0.5045 / 0.5104
 CPU_EFFECTIVE_TFLOPS = 0.065
 BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 
 
-def measured_mfu(parameters: int, quantization: str) -> float:
-    """Our engine's MFU on an H100/H200 for a model of this size, from the bench measurements."""
+def measured_mfu(parameters: int, quantization: str, recomputed_share: float = 0.0) -> float:
+    """Our engine's MFU on an H100/H200 for a model of this size, from the bench measurements; a quantized model's
+    depends on the share of its decoder layers that recompute (``recomputed_share``, 0 to 1)."""
     points = MEASURED_LORA_MFU
     x = math.log(max(parameters, 1))
     (n0, m0), (n1, m1) = points[0], points[-1]
@@ -48,7 +55,10 @@ def measured_mfu(parameters: int, quantization: str) -> float:
         mfu = m1
     else:
         mfu = m0 + (m1 - m0) * (x - math.log(n0)) / (math.log(n1) - math.log(n0))
-    return mfu * (MEASURED_QLORA_MFU_RATIO if quantization != "none" else 1.0)
+    if quantization == "none":
+        return mfu
+    share = min(max(recomputed_share, 0.0), 1.0)
+    return mfu * (MEASURED_QLORA_KEEP_MFU_RATIO + (MEASURED_QLORA_MFU_RATIO - MEASURED_QLORA_KEEP_MFU_RATIO) * share)
 
 
 def lora_parameter_count(config: dict, r: int, target_modules: str | list[str]) -> int:
@@ -81,8 +91,9 @@ def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
     return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / slices)))))
 
 
-def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> dict[str, float]:
-    """Raises SpeedPlanError where the engine would refuse the job's speed switches on a GPU host."""
+def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> tuple[dict[str, float], float]:
+    """The peak memory's parts and the share of decoder layers that will recompute; raises SpeedPlanError where
+    the engine would refuse the job's speed switches on a GPU host."""
     from types import SimpleNamespace
 
     from usf_bios.engine.loss import CHUNK_ELEMENTS
@@ -122,7 +133,7 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
         "activations": round(activations / gib, 3),
         "logits": round(logit_rows * vocab * logit_bytes / gib, 3),
         "cuda_overhead": round(min(HEADROOM_BYTES, 2**28 + weights // 100) / gib, 3),
-    }
+    }, kept.recomputed_share
 
 
 def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
@@ -142,12 +153,13 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
     trained = round(tokens_per_epoch * steps / max(steps_per_epoch, 1))
     lora = lora_parameter_count(config, hp.lora_r, hp.target_modules)
     if gpus.num_gpus == 0:
-        gpu_type, peak = "cpu", False
+        gpu_type, peak, breakdown = "cpu", False, {}
         seconds = trained * (6 if hp.gradient_checkpointing else 4) * parameters / (CPU_EFFECTIVE_TFLOPS * 1e12)
         assumptions = f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token at 65 GFLOP/s (CPU, measured)"
     else:
         gpu_type, peak = gpus.gpu_type, True
-        mfu = measured_mfu(parameters, hp.quantization)
+        breakdown, recomputed = _vram(spec, config, parameters, lora, gpu_type)
+        mfu = measured_mfu(parameters, hp.quantization, recomputed)
         rate = _lookup(PEAK_TFLOPS, gpu_type) * 1e12 * mfu * gpus.num_gpus
         seconds = trained * 4 * parameters / rate
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
@@ -158,7 +170,6 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         known = next((key for key in PEAK_TFLOPS if key.lower() in gpu_type.lower()), None)
         device = (f"{gpus.num_gpus} × {gpu_type}" if known else
                   f"{gpus.num_gpus} × GPU of type {gpu_type!r}, sized as an H100 80GB")
-    breakdown = _vram(spec, config, parameters, lora, gpu_type) if peak else {}
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
     return EstimatePublic(
         examples=len(token_lengths), tokens_per_epoch=tokens_per_epoch, rows_per_epoch=rows, steps=steps,

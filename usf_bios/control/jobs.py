@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from sqlalchemy import delete, func, select
@@ -18,7 +19,7 @@ from usf_bios.control.keys import Caller
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
 from usf_bios.control.models import find_model
 from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePublic, JobPublic, JobsPublic,
-                                      JobStatusPublic, MetricPointPublic)
+                                      JobStatusPublic, MetricPointPublic, PlacementPublic)
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
@@ -78,6 +79,10 @@ def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, setti
                executors: Mapping[str, Executor] | None = None) -> Job:
     """Lock the spec (with the model folder and dataset file it resolves to) and queue the job. With
     ``executors`` (the scheduler's), what they could not run is refused first, as the scheduler would."""
+    executor = executor_for(spec, settings)
+    if executor == "remote" and not (settings.gpu_cluster_api_url and settings.gpu_cluster_api_key):
+        raise Invalid("gpu_config.executor", "this server has no remote worker (set GPU_CLUSTER_API_URL and "
+                                             "GPU_CLUSTER_API_KEY)")
     if executors is not None:
         offered, local = executor_resources(spec, settings, executors)
         check_request(caller, spec, offered, local=local)
@@ -87,7 +92,7 @@ def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, setti
     job = Job(id=job_id, name=spec.name, status=JobStatus.QUEUED.value, spec=locked.model_dump(mode="json"),
               request=spec.model_dump(mode="json"), model_id=model.id, dataset_id=dataset.id,
               num_gpus=spec.gpu_config.num_gpus, max_attempts=settings.max_attempts, owner_key_id=caller.owner,
-              executor=executor_for(spec, settings), metrics={})
+              executor=executor, metrics={})
     session.add(job)
     session.commit()
     return job
@@ -125,6 +130,17 @@ def find_jobs(*, session: Session, caller: Caller, statuses: Iterable[JobStatus]
     artifacts = {a.job_id: a for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(done)))} if done else {}
     return JobsPublic(items=[job_public(session, j, artifacts.get(j.id)) for j in jobs], total=total, limit=limit,
                       offset=offset)
+
+
+def job_placement(job: Job, executors: Mapping[str, Any]) -> PlacementPublic:
+    """Where ``job`` runs, in words, with a remote job's last remote status."""
+    executor = executors.get(job.executor)
+    if executor is None:
+        return PlacementPublic(executor=job.executor, where=f"{job.executor} (not configured on this server)")
+    remote = executor.remote_status(job.id) if hasattr(executor, "remote_status") else None
+    return PlacementPublic(executor=job.executor, where=executor.describe(job.handle or (job.id if remote else None)),
+                           remote_status=remote.status if remote else None, remote_stage=remote.stage if remote else None,
+                           remote_job_id=remote.external_job_id if remote else None)
 
 
 def job_status(job: Job) -> JobStatusPublic:

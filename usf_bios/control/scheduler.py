@@ -30,11 +30,21 @@ log = logging.getLogger("usf_bios.scheduler")
 ACTIVE = [s.value for s in JobStatus if s.is_active]
 
 
+def configured_executors(layout: StorageLayout, settings: Settings) -> dict[str, Executor]:
+    """``local`` always; ``remote`` when GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY name a worker."""
+    executors: dict[str, Executor] = {"local": LocalExecutor(layout, settings)}
+    if settings.gpu_cluster_api_url and settings.gpu_cluster_api_key:
+        from usf_bios.control.executors.remote import RemoteExecutor
+
+        executors["remote"] = RemoteExecutor(layout, settings)
+    return executors
+
+
 class Scheduler:
     def __init__(self, db: Database, layout: StorageLayout, settings: Settings,
                  executors: dict[str, Executor] | None = None):
         self.db, self.layout, self.settings = db, layout, settings
-        self.executors: dict[str, Executor] = executors or {"local": LocalExecutor(layout, settings)}
+        self.executors: dict[str, Executor] = executors or configured_executors(layout, settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,7 +93,7 @@ class Scheduler:
         if done is not None:
             self._finish(session, job, done)
         elif not progress.alive:
-            self._lost(job, progress.exit_code)
+            self._lost(job, progress.exit_code, progress.lost_reason)
         elif job.status == JobStatus.CANCELLING.value:
             requested = as_utc(job.cancel_requested_at) or datetime.now(timezone.utc)
             waited = (datetime.now(timezone.utc) - requested).total_seconds()
@@ -100,12 +110,12 @@ class Scheduler:
         else:
             lifecycle.mark_failed(job, done.error or "the engine reported a failure")
 
-    def _lost(self, job: Job, code: int | None) -> None:
+    def _lost(self, job: Job, code: int | None, why: str | None = None) -> None:
         """Nothing runs the job any more, and it never said how it ended."""
         if job.status == JobStatus.CANCELLING.value:
             lifecycle.mark_cancelled(job)
             return
-        reason = "the job's process ended without a word" + (f" (exit status {code})" if code is not None else "")
+        reason = why or "the job's process ended without a word" + (f" (exit status {code})" if code is not None else "")
         lifecycle.mark_interrupted(job, reason)
         if job.attempts < job.max_attempts:
             lifecycle.requeue(job)

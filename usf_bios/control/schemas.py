@@ -38,10 +38,31 @@ class DiskPublic(_Out):
     free_gb: float
 
 
+class WorkerPublic(_Out):
+    """A place remote jobs run: the worker or RunPod endpoint at GPU_CLUSTER_API_URL, and whether it answers."""
+
+    executor: str
+    kind: str = Field(description="worker (the /training/* contract) or runpod")
+    url: str
+    reachable: bool
+    detail: str = Field(description="What it said (its GPUs, its version), or why it could not be reached.")
+
+
 class HostFacts(_Out):
     version: str
     gpus: list[GpuPublic]
     disk: DiskPublic
+    workers: list[WorkerPublic] = Field(default_factory=list)
+
+
+class PlacementPublic(_Out):
+    """Where a job runs: its executor, in words, and — for a remote job — what the remote side last said."""
+
+    executor: str
+    where: str
+    remote_status: str | None = None
+    remote_stage: str | None = None
+    remote_job_id: str | None = None
 
 
 # --- keys -----------------------------------------------------------------------------------------------------

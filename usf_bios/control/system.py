@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
 from usf_bios import __version__
 from usf_bios.control.gpus import list_gpus
-from usf_bios.control.schemas import DiskPublic, GpuPublic, HostFacts
+from usf_bios.control.schemas import DiskPublic, GpuPublic, HostFacts, WorkerPublic
 from usf_bios.storage import StorageLayout
 
 
-def host_facts(layout: StorageLayout) -> HostFacts:
+def host_facts(layout: StorageLayout, executors: Mapping[str, Any] | None = None) -> HostFacts:
+    """The host's facts, and the remote places jobs run (each asked whether it answers)."""
     disk = shutil.disk_usage(layout.root)
+    workers = [WorkerPublic.model_validate(executor.health()) for executor in (executors or {}).values()
+               if hasattr(executor, "health")]
     return HostFacts(version=__version__, gpus=[GpuPublic.model_validate(g) for g in list_gpus()],
                      disk=DiskPublic(path=str(layout.root), total_gb=round(disk.total / 2**30, 2),
-                                     free_gb=round(disk.free / 2**30, 2)))
+                                     free_gb=round(disk.free / 2**30, 2)), workers=workers)

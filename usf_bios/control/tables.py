@@ -155,3 +155,33 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+
+
+class WorkerSubmission(Base):
+    """A job the GPU worker accepted through /training/submit (the worker's own store; a control plane leaves it
+    empty). Its id is the external_job_id and, once the dataset is fetched, the id of its Job row."""
+
+    __tablename__ = "worker_submissions"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(160), unique=True)          # the caller's id: submits are idempotent on it
+    state: Mapped[str] = mapped_column(String(20))                         # fetching | accepted | failed | cancelled
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)                     # the JobSpec as submitted
+    dataset_url: Mapped[str] = mapped_column(Text)
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    dataset_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    artifact_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    callback_offset: Mapped[int] = mapped_column(BigInteger, default=0)   # events already delivered by callback
+    callback_status: Mapped[str | None] = mapped_column(String(20), nullable=True)  # the last status delivered
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class CallbackReceipt(Base):
+    """A worker callback's X-USF-Event-Id, kept so a replay changes nothing."""
+
+    __tablename__ = "callback_receipts"
+    event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=_now, index=True)

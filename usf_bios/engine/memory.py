@@ -99,9 +99,11 @@ def tokens_per_pass(num_layers: int, per_token_bytes: int, free_bytes: int, micr
 def layers_to_offload(num_layers: int, working_bytes: int, layer_input_bytes: int, free_bytes: int) -> int:
     """How many layers' saved inputs (``layer_input_bytes`` each) must go to host memory: those that do not fit on
     the GPU beside the working set of the layer being recomputed (tokens × ``activation_bytes_per_token``) and the
-    headroom."""
+    headroom, and, once any go to the host, the one fetched back ahead of its backward pass."""
     room = free_bytes - HEADROOM_BYTES - working_bytes
     on_gpu = max(0, min(num_layers, room // max(layer_input_bytes, 1)))
+    if on_gpu < num_layers:
+        on_gpu = max(0, on_gpu - 1)
     return num_layers - on_gpu
 
 
@@ -132,6 +134,7 @@ class ActivationEstimate:
 
     tokens_per_pass: int        # tokens of the largest forward/backward pass (merged, or one micro-batch)
     bytes: float
+    recomputed_share: float = 0.0   # the share of decoder layers that recompute their activations
 
 
 def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_batch_tokens: int, step_tokens: int,
@@ -148,8 +151,9 @@ def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_b
     if merge:
         tokens = tokens_per_pass(layers, planned, free_bytes, micro_batch_tokens, step_tokens) or micro_batch_tokens
     one_layer, layer_input = tokens * per_token, tokens * hidden * dtype_bytes
+    k = layers
     if checkpointing == "none":
-        kept = layers * one_layer
+        kept, k = layers * one_layer, 0
     elif checkpointing == "offload":
         kept = one_layer
     elif checkpointing == "all":
@@ -157,4 +161,4 @@ def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_b
     else:  # auto: only the layers that do not fit recompute
         k = layers_to_recompute(layers, tokens, planned, hidden * dtype_bytes, free_bytes)
         kept = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
-    return ActivationEstimate(tokens, kept)
+    return ActivationEstimate(tokens, kept, k / max(layers, 1))

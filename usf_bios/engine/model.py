@@ -208,9 +208,12 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
     if plan.merge_micro_batches:
         layers = len(decoder_layers(model))
-        if plan.checkpointing == "all":  # every layer keeps its input for the pass, one layer its activations
+        if plan.checkpointing in ("all", "offload"):
+            # all: every layer keeps its input for the pass, one layer its activations; offload: the inputs that do
+            # not fit go to host memory, so one layer's activations, its input and the next one's, fetched ahead
             text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-            layers, per_pass_token = 1, layers * text.hidden_size * dtype_bytes + per_token
+            inputs = layers if plan.checkpointing == "all" else 2
+            layers, per_pass_token = 1, inputs * text.hidden_size * dtype_bytes + per_token
         else:
             per_pass_token = per_token
         merged = tokens_per_pass(layers, per_pass_token, free_gpu_bytes(model), pass_tokens,

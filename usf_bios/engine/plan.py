@@ -92,22 +92,22 @@ def plan_for(perf: Performance, hp: Hyperparameters, *, cuda: bool, liger: bool)
         raise SpeedPlanError(f"performance.loss: fused {liger_why}")
     if not hp.gradient_checkpointing:
         checkpointing = "none"
-    elif perf.checkpointing == "auto":  # a quantized model asks for the least memory: recompute every layer
-        checkpointing = "auto" if cuda and hp.quantization == "none" else "all"
+    elif perf.checkpointing == "auto":  # on a GPU only the layers that do not fit recompute, quantized or not
+        checkpointing = "auto" if cuda else "all"
     else:
         checkpointing = perf.checkpointing
     if loss == "auto":
         loss = auto_loss(perf, hp, liger)
     # auto merges where no layer is recomputed by default; asked for (on), it also merges the passes of a plan that
-    # recomputes every layer (QLoRA's 'all'): fewer, longer passes, each layer's input kept for the whole pass
+    # recomputes every layer ('all', 'offload'): fewer, longer passes, each layer's input kept (or offloaded) for
+    # the whole pass
     mergeable = cuda and attention == "varlen" and hp.packing
     if perf.merge_micro_batches == "on":
-        mergeable = mergeable and checkpointing in ("auto", "none", "all")
+        mergeable = mergeable and checkpointing in ("auto", "none", "all", "offload")
     else:
         mergeable = mergeable and checkpointing in ("auto", "none")
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
-                    "needs a CUDA GPU, packing, varlen attention and checkpointing auto or all (or gradient "
-                    "checkpointing off)")
+                    "needs a CUDA GPU, packing and varlen attention")
     return SpeedPlan(
         merge_micro_batches=merge, compile=perf.compile == "on",
         attention=attention, loss=loss,

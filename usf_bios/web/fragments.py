@@ -29,7 +29,8 @@ JOBS_SHOWN = 100
 
 @router.get("/system", response_class=HTMLResponse)
 def system(request: Request, _caller: CurrentCaller, layout: LayoutDep) -> HTMLResponse:
-    return render_fragment(request, "fragments/system.html", facts=host_facts(layout))
+    return render_fragment(request, "fragments/system.html",
+                           facts=host_facts(layout, request.app.state.scheduler.executors))
 
 
 @router.get("/jobs", response_class=HTMLResponse)

@@ -15,7 +15,8 @@ from usf_bios.api.tarstream import tar_stream
 from usf_bios.control import jobs
 from usf_bios.control.errors import DomainError, NotFound
 from usf_bios.control.lifecycle import JobStatus
-from usf_bios.control.schemas import CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, MetricPointPublic
+from usf_bios.control.schemas import (CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, MetricPointPublic,
+                                      PlacementPublic)
 from usf_bios.control.tables import Job
 from usf_bios.control.token_lengths import token_lengths_future
 from usf_bios.spec import JobSpec
@@ -60,6 +61,13 @@ def list_jobs(caller: CurrentCaller, session: SessionDep, status_filter: JobStat
 @router.get("/jobs/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, caller: CurrentCaller, session: SessionDep) -> JobPublic:
     return jobs.job_public(session, jobs.get_job(session=session, caller=caller, job_id=job_id))
+
+
+@router.get("/jobs/{job_id}/placement", response_model=PlacementPublic)
+def placement(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep) -> PlacementPublic:
+    """Where the job runs (local process, worker URL, RunPod endpoint) and what a remote side last said."""
+    job = jobs.get_job(session=session, caller=caller, job_id=job_id)
+    return jobs.job_placement(job, request.app.state.scheduler.executors)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from usf_bios import __version__
 from usf_bios.api.deps import CurrentCaller, LayoutDep
@@ -19,5 +19,6 @@ def health() -> Health:
 
 
 @router.get("/system", response_model=HostFacts)
-def system(_caller: CurrentCaller, layout: LayoutDep) -> HostFacts:
-    return host_facts(layout)
+def system(request: Request, _caller: CurrentCaller, layout: LayoutDep) -> HostFacts:
+    """This host's GPUs and disk, and each remote worker with whether it answers."""
+    return host_facts(layout, request.app.state.scheduler.executors)

@@ -26,6 +26,7 @@ class Progress:
     cursor: int = 0               # where the next poll continues (the local executor: a byte offset of the events file)
     alive: bool = False
     exit_code: int | None = None  # known when the executor saw the job's process end
+    lost_reason: str | None = None  # why nothing runs the job any more, when the executor knows better than "ended"
 
 
 @runtime_checkable

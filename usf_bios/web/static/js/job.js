@@ -129,6 +129,22 @@ function showStatus(state) {
     ? `No adapter: the job ${state.status === "failed" ? "failed" : "was cancelled"} before it finished.`
     : "The adapter is written when the job completes.");
   root.dataset.status = state.status;
+  showPlacement();
+}
+
+// where the job runs (local process, worker, RunPod) and what a remote side last said
+let placementAsked = 0;
+async function showPlacement() {
+  if (Date.now() - placementAsked < 2000) return;
+  placementAsked = Date.now();
+  try {
+    const place = await api(`${base}/placement`);
+    const remote = place.remote_status ? ` · remote status: ${place.remote_status}` +
+      (place.remote_stage ? ` (${place.remote_stage.replace(/_/g, " ")})` : "") : "";
+    setText("job-where", `Runs on ${place.where}${remote}`);
+  } catch (error) {
+    setText("job-where", "");
+  }
 }
 
 // ---- side panels ------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""The worker's contract on its own: a real `usf-bios worker` on loopback, fed by a local HTTP server that plays
+the control plane's signed dataset URL. Auth on every route but /health, a submit idempotent on job_id, bad input
+refused naming its field before anything starts, a bad dataset failing the job with its line, the size cap, the
+SSRF guard, cancel, typed events after a sequence number, and the artifact tar with its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import chat_rows, write_jsonl
+from tests.worker.conftest import WORKER_KEY, clean_env
+
+
+class Files(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    redirects: dict[str, str] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        if path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[path])
+            self.end_headers()
+            return
+        body = self.files.get(path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def files():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Files.files, Files.redirects = {}, {}
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def payload(job_id: str, dataset_url: str, **hp) -> dict:
+    hyper = {"base_model": "test--tiny", "max_steps": 6, "learning_rate": 3e-3, "batch_size": 2,
+             "gradient_accumulation_steps": 1, "max_seq_length": 128, "lora_r": 4, "lora_alpha": 8, "val_split": 0.1,
+             "eval_steps": 3, "save_steps": 3, "precision": "fp32", "gradient_checkpointing": False, **hp}
+    return {"job_id": job_id, "dataset_url": dataset_url, "hyperparameters": hyper,
+            "gpu_config": {"gpu_type": "any", "num_gpus": 0}, "callback_url": None}
+
+
+def wait_status(client, external: str, until, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"/training/status/{external}").json()
+        if until(status):
+            return status
+        time.sleep(0.2)
+    raise TimeoutError(status)
+
+
+def ended(status: dict) -> bool:
+    return status["status"] in ("completed", "failed", "cancelled")
+
+
+def test_the_worker_refuses_to_start_without_its_key(tmp_path: Path):
+    env = clean_env(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "usf_bios", "worker", "--port", "1"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "GPU_CLUSTER_API_KEY" in result.stdout + result.stderr
+
+
+def test_every_route_but_health_needs_the_key(make_worker):
+    worker = make_worker().start()
+    with worker.client(key=None) as anonymous, worker.client(key="wrong-key") as wrong:
+        assert anonymous.get("/health").json()["status"] == "ok"
+        for client in (anonymous, wrong):
+            assert client.post("/training/submit", json=payload("a", "http://127.0.0.1/x")).status_code == 401
+            for path in ("/training/status/x", "/training/events/x", "/training/artifacts/x"):
+                assert client.get(path).status_code == 401
+            assert client.post("/training/cancel/x").status_code == 401
+
+
+def test_a_job_runs_and_hands_back_its_events_and_artifact(make_worker, files, tmp_path: Path):
+    worker = make_worker().start()
+    Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
+    with worker.client() as client:
+        first = client.post("/training/submit", json=payload("job-1", files + "/chat.jsonl"))
+        assert first.status_code == 202, first.text
+        external = first.json()["external_job_id"]
+        again = client.post("/training/submit", json=payload("job-1", files + "/chat.jsonl"))
+        assert again.status_code == 202 and again.json()["external_job_id"] == external
+        status = wait_status(client, external, ended)
+        assert status["status"] == "completed", status
+        assert status["current_step"] == status["total_steps"] == 6 and status["progress"] == 1.0
+        assert status["metrics"]["training_loss"] > 0 and status["metrics"]["learning_rate"] is not None
+        assert status["started_at"] and status["finished_at"] and status["error"] is None
+
+        page = client.get(f"/training/events/{external}", params={"after": 0}).json()
+        types = [item["event"]["type"] for item in page["events"]]
+        assert types[-1] == "done" and types.count("metric") == 6 and "stage" in types
+        seqs = [item["seq"] for item in page["events"]]
+        assert seqs == sorted(seqs) and page["next"] == seqs[-1]
+        middle = seqs[3]
+        rest = client.get(f"/training/events/{external}", params={"after": middle}).json()
+        assert [item["seq"] for item in rest["events"]] == seqs[4:]
+        assert client.get(f"/training/events/{external}", params={"after": page["next"]}).json()["events"] == []
+
+        tar_answer = client.get(f"/training/artifacts/{external}")
+        assert tar_answer.status_code == 200
+        assert hashlib.sha256(tar_answer.content).hexdigest() == status["artifact"]["sha256"]
+        assert len(tar_answer.content) == status["artifact"]["size_bytes"]
+        names = tarfile.open(fileobj=io.BytesIO(tar_answer.content)).getnames()
+        assert {"adapter_config.json", "adapter_model.safetensors", "training_log.json", "job.yaml"} <= set(names)
+        # one job: the second submit started nothing
+        assert len(list((worker.home / "data" / "output").iterdir())) == 1
+
+
+BAD_INPUT = [
+    ({"hyperparameters": {"base_model": "test--tiny", "lora_r": 0}}, "hyperparameters.lora_r"),
+    ({"hyperparameters": {"base_model": "nobody--nothing"}}, "hyperparameters.base_model"),
+    ({"hyperparameters": {"base_model": "test--tiny", "learning_rate": "fast"}}, "hyperparameters.learning_rate"),
+    ({"gpu_config": {"num_gpus": 1}}, "gpu_config.num_gpus"),
+    ({"dataset_url": "http://169.254.169.254/latest/meta-data/"}, "dataset_url"),
+    ({"dataset_url": "http://10.1.2.3/data.jsonl"}, "dataset_url"),
+    ({"dataset_url": "file:///etc/passwd"}, "dataset_url"),
+    ({"callback_url": "http://[::1]:9/cb"}, "callback_url"),
+    ({"trust_remote_code": True}, "trust_remote_code"),
+    ({"job_id": "../../etc"}, "job_id"),
+]
+
+
+def test_bad_input_is_refused_naming_its_field_and_starts_nothing(make_worker):
+    worker = make_worker().start()
+    with worker.client() as client:
+        for change, field in BAD_INPUT:
+            body = {**payload("bad", "http://127.0.0.1:9/x.jsonl"), **change}
+            answer = client.post("/training/submit", json=body)
+            assert answer.status_code == 422, (change, answer.text)
+            assert field in {e["field"].removeprefix("body.") for e in answer.json()["errors"]}, (change, answer.json())
+    assert not list((worker.home / "data" / "output").glob("*"))
+    assert not list((worker.home / "data" / "datasets").glob("*"))
+
+
+def fails_with(worker, files: str, job_id: str, path: str, needle: str) -> None:
+    with worker.client() as client:
+        answer = client.post("/training/submit", json=payload(job_id, files + path))
+        assert answer.status_code == 202, answer.text
+        status = wait_status(client, answer.json()["external_job_id"], ended, timeout=60)
+    assert status["status"] == "failed" and needle in status["error"], status
+
+
+def test_a_bad_dataset_fails_the_job_with_its_line_and_the_cap_holds(make_worker, files, tmp_path: Path):
+    worker = make_worker(USF_MAX_UPLOAD_MB="1").start()
+    good = write_jsonl(tmp_path / "chat.jsonl", chat_rows(5)).read_text().splitlines()
+    Files.files["/broken.jsonl"] = ("\n".join(good[:2] + ['{"messages": [oops'] + good[2:]) + "\n").encode()
+    fails_with(worker, files, "broken", "/broken.jsonl", "broken.jsonl:3: malformed JSON")
+    Files.files["/huge.jsonl"] = b'{"text": "' + b"x" * (3 << 20) + b'"}\n'
+    fails_with(worker, files, "huge", "/huge.jsonl", "limit")
+    Files.redirects["/sneaky"] = "http://169.254.169.254/latest/meta-data/iam"
+    fails_with(worker, files, "sneaky", "/sneaky", "169.254.169.254")
+    left = [p for p in (worker.home / "data" / "datasets").rglob("*") if p.is_file()]
+    assert all(p.stat().st_size < 1 << 20 for p in left), left   # nothing over the cap stayed on disk
+    assert not list((worker.home / "data" / "output").glob("*"))
+
+
+def test_cancel_stops_a_running_job(make_worker, files, tmp_path: Path):
+    worker = make_worker().start()
+    Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
+    with worker.client() as client:
+        external = client.post("/training/submit", json=payload("long", files + "/chat.jsonl", max_steps=5000)).json()["external_job_id"]
+        wait_status(client, external, lambda s: s["current_step"] >= 2 or ended(s))
+        assert client.post(f"/training/cancel/{external}").status_code == 200
+        status = wait_status(client, external, ended, timeout=60)
+        assert status["status"] == "cancelled"
+        assert client.get(f"/training/artifacts/{external}").status_code == 409
+        assert client.get("/training/status/nobody").status_code == 404
