@@ -58,3 +58,16 @@ def test_a_spec_file_loads_on_top_of_a_preset_and_the_cli_refuses_an_unknown_one
     result = subprocess.run([sys.executable, "-m", "usf_bios", "train", "--preset", "nope", str(spec_file)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no preset 'nope'" in result.stderr
+
+
+def test_a_spec_of_datasets_replaces_a_presets_dataset_and_back():
+    from usf_bios.presets import Preset
+
+    preset = Preset("p", "P", "a preset", "usf-bios train --preset p job.yaml",
+                    {"dataset": "preset.jsonl", "hyperparameters": {"lora_r": 8}})
+    mixed = preset.apply({"name": "x", "base_model": "m", "datasets": [{"name": "a.jsonl", "weight": 2}]})
+    assert "dataset" not in mixed and parse_spec(mixed).dataset_refs() == [("a.jsonl", 2.0)]
+    assert parse_spec(mixed).hyperparameters.lora_r == 8
+    plain = Preset("q", "Q", "s", "c", {"datasets": [{"name": "b.jsonl"}]}).apply({"name": "x", "base_model": "m",
+                                                                                 "dataset": "c.jsonl"})
+    assert parse_spec(plain).dataset_refs() == [("c.jsonl", 1.0)]

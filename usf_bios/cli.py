@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from usf_bios.cli_jobs import jobs_app, submit
 from usf_bios.datasets.formats import FORMATS
 from usf_bios.settings import get_settings
 from usf_bios.status import JobStatus
@@ -17,12 +18,14 @@ from usf_bios.storage import StorageLayout
 
 app = typer.Typer(help="USF BIOS: LoRA / QLoRA fine-tuning you host yourself.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-models_app = typer.Typer(help="Base models: import and list.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models: pull, import and list.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets: check a file before training.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+app.command("submit")(submit)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -302,6 +305,34 @@ def import_gguf_cmd(
     except (FileNotFoundError, FileExistsError, PathOutsideRoot) as err:
         raise _fail(str(err)) from None
     console.print(f"imported {name} → {folder}", highlight=False, soft_wrap=True)
+
+
+@models_app.command("pull")
+def pull_cmd(
+    repo_id: Annotated[str, typer.Argument(help="The model on the Hugging Face Hub, as org/name.")],
+    revision: Annotated[str, typer.Option(help="Branch, tag or commit.")] = "main",
+) -> None:
+    """Download a model from the Hugging Face Hub into the hub cache ($HF_HOME/hub): config, tokenizer and weights
+    (safetensors preferred); resumable; HF_TOKEN for gated models, HF_ENDPOINT for a mirror."""
+    import os
+
+    from usf_bios.models.hub import PullError, endpoint, plan_pull, pull_model
+
+    settings = get_settings()
+    if "huggingface" not in settings.supported_model_sources:
+        raise _fail("models pull: the huggingface source is not enabled here "
+                    f"(SUPPORTED_MODEL_SOURCES={','.join(settings.supported_model_sources)})")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise _fail(f"models pull: {repo_id!r} is not org/name")
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        plan = plan_pull(repo_id, revision, token)
+        console.print(f"{repo_id}@{revision} ({plan.commit[:12]}) from {endpoint()}: {len(plan.files)} files, "
+                      f"{plan.total_bytes / 1e6:,.1f} MB", highlight=False)
+        folder = pull_model(plan, _layout().hf_hub_cache, token)
+    except PullError as err:
+        raise _fail(str(err), 1) from None
+    console.print(f"pulled {repo_id} → {folder}\nuse it as base_model: {repo_id}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")

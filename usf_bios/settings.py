@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MODEL_SOURCES = ("local", "huggingface", "modelscope")
@@ -91,6 +91,9 @@ class Settings(BaseSettings):
         None, ge=1, le=4096, validation_alias="USF_CPU_THREADS_PER_JOB",
         description="PyTorch threads of each CPU job; unset: the job's share of the cores, cores // USF_MAX_CPU_JOBS "
                     "(PyTorch's default when one CPU job runs at a time or OMP_NUM_THREADS is set).")
+    dist_timeout_s: float = Field(300.0, gt=0, le=86400, validation_alias="USF_DIST_TIMEOUT_S",
+                                  description="Timeout of every collective of a job on several ranks (torchrun): a "
+                                              "rank that dies fails the others within it instead of hanging them.")
     max_attempts: int = Field(3, ge=1, validation_alias="USF_MAX_ATTEMPTS",
                               description="Starts of a job whose process was lost, before it fails.")
     cancel_grace_s: float = Field(30.0, ge=0, validation_alias="USF_CANCEL_GRACE_S",
@@ -103,6 +106,11 @@ class Settings(BaseSettings):
     gpu_prices: dict[str, float] = Field(
         {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},
         validation_alias="USF_GPU_PRICES", description="Price per GPU-hour by gpu_type (JSON), for estimates.")
+
+    server_url: str = Field("http://127.0.0.1:8000", validation_alias="USF_SERVER_URL",
+                            description="The server the CLI's client commands (usf-bios jobs, submit) talk to.")
+    api_key: SecretStr | None = Field(None, validation_alias="USF_API_KEY",
+                                      description="The API key those commands send (needed off loopback).")
 
     @field_validator("supported_model_sources", mode="before")
     @classmethod

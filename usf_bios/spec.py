@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from usf_bios.datasets.formats import FORMATS
 
@@ -116,24 +116,88 @@ class GpuConfig(_Strict):
         "what it learns: left out of the resume check.")
 
 
+class DatasetRef(_Strict):
+    """One dataset of a job's mixture."""
+
+    name: str = Field(..., min_length=1, description="Registered dataset id/name or a file path.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Sampling weight: each epoch trains on weight × this "
+                          "dataset's training examples (2 = each twice, 0.5 = a seeded half of them).")
+
+
+ReportTo = Literal["tensorboard", "mlflow", "wandb"]
+
+
+def _field_fault(kind: str, field: str, data: object, reason: str = "") -> dict[str, Any]:
+    """One of pydantic's line errors, for a fault the model validator finds (so it names its field)."""
+    fault: dict[str, Any] = {"type": kind, "loc": (field,), "input": data}
+    if kind == "value_error":
+        fault["ctx"] = {"error": reason}
+    return fault
+
+
 class JobSpec(_Strict):
     name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Job name: letters, digits, '.', '_' and '-'.")
     base_model: str = Field(..., min_length=1, description="Registry name ({org}--{model}), org/name in a cache, or a folder path.")
-    dataset: str = Field(..., min_length=1, description="Registered dataset id/name or a file path.")
+    dataset: str | None = Field(None, min_length=1, description="Registered dataset id/name or a file path "
+                                "(or give datasets: several, with sampling weights).")
+    datasets: list[DatasetRef] | None = Field(
+        None, min_length=1, max_length=64, description="Several datasets mixed with sampling weights, instead of "
+        "dataset: [{name, weight}]; each is found and validated like dataset, with dataset_format for all of them.")
     dataset_format: DatasetFormatName = Field("auto", description="Row format; auto detects it from the first row.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code (only for models that need it).")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     gpu_config: GpuConfig = Field(default_factory=GpuConfig)
     performance: Performance = Field(default_factory=Performance)
+    report_to: list[ReportTo] = Field(
+        default_factory=list, max_length=3, description="Also send the metrics to: tensorboard (event files next to "
+        "the job's log), mlflow (MLFLOW_TRACKING_URI, else a file store under the storage root), wandb (needs "
+        "WANDB_API_KEY or WANDB_MODE). Each needs its extra: pip install 'usf-bios[tensorboard]'.")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_dataset_form(cls, data: Any, handler: Any) -> "JobSpec":
+        """Exactly one of dataset and datasets, each fault named by its field (with the other faults, if any)."""
+        faults: list[dict[str, Any]] = []
+        if isinstance(data, dict):
+            given = [key for key in ("dataset", "datasets") if data.get(key) is not None]
+            if not given:
+                faults.append(_field_fault("missing", "dataset", data))
+            elif len(given) == 2:
+                faults.append(_field_fault("value_error", "datasets", data, "give dataset or datasets, not both"))
+        try:
+            spec = handler(data)
+        except ValidationError as err:
+            if not faults:
+                raise
+            raise ValidationError.from_exception_data(err.title, [*err.errors(), *faults]) from None  # type: ignore[list-item]
+        if faults:
+            raise ValidationError.from_exception_data(cls.__name__, faults)  # type: ignore[arg-type]
+        return spec
+
+    @field_validator("report_to")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a tool more than once")
+        return value
+
+    def dataset_refs(self) -> list[tuple[str, float]]:
+        """(name, weight) of each dataset: the one ``dataset`` at weight 1, or the ``datasets`` mixture."""
+        if self.datasets is not None:
+            return [(ref.name, ref.weight) for ref in self.datasets]
+        assert self.dataset is not None   # the model validator holds one of them
+        return [(self.dataset, 1.0)]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides what is learned (the name, the performance switches and the executor
-        are left out)."""
-        data = self.model_dump(mode="json", exclude={"name": True, "performance": True, "gpu_config": {"executor"}})
+        """A hash of everything that decides what is learned (the name, the performance switches, the executor and
+        report_to are left out; a spec of one ``dataset`` hashes as before ``datasets`` existed)."""
+        data = self.model_dump(mode="json", exclude={"name": True, "performance": True, "gpu_config": {"executor"},
+                                                     "report_to": True})
+        data.pop("datasets" if self.datasets is None else "dataset")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

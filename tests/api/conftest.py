@@ -27,25 +27,31 @@ class Server:
     env: dict[str, str]
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    command: str = "serve"            # `usf-bios serve`, or `worker` (tests/worker)
+    health_path: str = "/api/health"
+    log_name: str = "server.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log(self) -> str:
+        return (self.home / self.log_name).read_text(errors="replace")
+
     def start(self, timeout: float = 60) -> "Server":
-        log = (self.home / "server.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "usf_bios", "serve", "--port", str(self.port)],
+        log = (self.home / self.log_name).open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "usf_bios", self.command, "--port", str(self.port)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.home / "server.log").read_text()[-3000:]
+            assert self.proc.poll() is None, self.log()[-3000:]
             try:
-                if httpx.get(self.url + "/api/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + self.health_path, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError("the server did not come up: " + (self.home / "server.log").read_text()[-3000:])
+        raise TimeoutError(f"`usf-bios {self.command}` did not come up: " + self.log()[-3000:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server process only (engine processes live in their own sessions)."""

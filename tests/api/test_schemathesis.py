@@ -41,7 +41,7 @@ def app_with_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_te
     shutil.copytree(tiny_model_template, home / "models" / "tiny")
     dataset = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
     with TestClient(app, base_url=BASE_URL + "/api") as client:
-        model = client.post("/models", json={"name": "tiny", "source": "local", "path": "tiny"}).json()
+        model = client.get("/models/tiny").json()   # registered by the scan at start
         data = client.post("/datasets", files={"file": ("chat.jsonl", dataset.read_bytes())}, data={"name": "chat"}).json()
         job = client.post("/jobs", json=job_spec("tiny", "chat"))
         assert job.status_code == 201, job.text
@@ -57,7 +57,9 @@ def _real_path_parameters(path: str, names: list[str], refs: dict[str, str]) -> 
 
 def test_no_request_gets_a_server_error(app_with_data):
     app, refs = app_with_data
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1"}).exclude(path_regex=r"/events$")
+    # /models/pull starts a download process per request (tests/models/test_pull.py drives it against a fake Hub)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1"}).exclude(
+        path_regex=r"/events$|/models/pull$")
     failures: list[str] = []
     operations = 0
     for result in schema.get_all_operations():

@@ -91,3 +91,13 @@ def test_every_metric_measure_has_a_column_and_an_api_field():
     assert set(METRIC_FIELDS) == set(MetricEvent.model_fields) - {"ts", "type", "step"}
     assert set(METRIC_FIELDS) <= set(MetricPoint.__table__.columns.keys())
     assert set(METRIC_FIELDS) <= set(MetricPointPublic.model_fields)
+
+
+def test_an_adopted_row_gets_the_status_its_files_show_once():
+    fresh = Job(id="j2", name="j", spec={}, request={}, attempts=0, max_attempts=3, metrics={})
+    lifecycle.mark_adopted(fresh, JobStatus.RUNNING, handle="9:99")
+    assert fresh.status == "running" and fresh.handle == "9:99"
+    with pytest.raises(InvalidTransition):   # only a row that has no status yet
+        lifecycle.mark_adopted(fresh, JobStatus.COMPLETED)
+    with pytest.raises(ValueError, match="running, interrupted or final, not queued"):
+        lifecycle.mark_adopted(Job(id="j3", name="j", spec={}, request={}), JobStatus.QUEUED)

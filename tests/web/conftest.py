@@ -19,65 +19,7 @@ import pytest
 from tests.api.conftest import database_url, make_server, server, server_env  # noqa: F401
 from tests.api.test_restart import engine_pids
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"]
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator:
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=20_000)   # the first estimate or stats import transformers in the server (2 cores)
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install chromium; .ci/run does it)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
-
-
-@dataclass
-class Console:
-    """What the page logged as an error; a test may allow messages it provokes on purpose."""
-
-    errors: list[str] = field(default_factory=list)
-    allowed: list[re.Pattern] = field(default_factory=list)
-
-    def allow(self, pattern: str) -> None:
-        self.allowed.append(re.compile(pattern))
-
-    def unexpected(self) -> list[str]:
-        return [e for e in self.errors if not any(p.search(e) for p in self.allowed)]
-
-
-@pytest.fixture
-def console() -> Console:
-    return Console()
-
-
-@pytest.fixture
-def open_page(browser, console: Console, tmp_path: Path):
-    """open_page(base_url, viewport=DESKTOP, **context options such as timezone_id) → a fresh page (own
-    context: storage, downloads) at that size."""
-    contexts = []
-
-    def open_(base_url: str, viewport: dict = DESKTOP, **options):
-        context = browser.new_context(base_url=base_url, viewport=viewport, accept_downloads=True, **options)
-        context.set_default_timeout(20_000)
-        contexts.append(context)
-        page = context.new_page()
-        page.on("console", lambda m: console.errors.append(f"console.{m.type}: {m.text} ({m.location.get('url')})")
-                if m.type == "error" else None)
-        page.on("pageerror", lambda e: console.errors.append(f"uncaught: {e}"))
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
-    assert not console.unexpected(), "errors in the browser console:\n" + "\n".join(console.unexpected())
+from tests.conftest import CHROMIUM, DESKTOP, PHONE, Console  # noqa: F401  (the browser fixtures live there)
 
 
 @pytest.fixture

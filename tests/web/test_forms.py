@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from usf_bios.spec import Hyperparameters, JobSpec
 from usf_bios.presets import DEFAULT_PRESET
-from usf_bios.web.forms import form_presets, job_form
+from usf_bios.web.forms import NOT_IN_FORM, form_presets, job_form
 from usf_bios.web.render import TEMPLATES
 
 
@@ -21,7 +21,7 @@ def spec_paths(model: type[BaseModel] = JobSpec, prefix: str = "") -> set[str]:
             paths |= spec_paths(info.annotation, f"{prefix}{name}.")
         else:
             paths.add(prefix + name)
-    return paths
+    return paths - set(NOT_IN_FORM)
 
 
 def test_every_spec_field_has_an_input_with_help():

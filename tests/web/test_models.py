@@ -48,3 +48,38 @@ def test_register_a_folder_see_its_facts_refusals_and_scan(server, page, console
     expect(page.locator("#scan-result")).to_contain_text("Registered org--second.")
     expect(page.locator("#scan-result details")).to_contain_text("1 folder(s) skipped")
     expect(page.locator('#models-table tr[data-model-name="org--second"]')).to_be_visible()
+
+
+def test_download_a_model_from_the_hub_with_its_progress(make_server, open_page, console, tiny_model_template):
+    from tests.models.fake_hub import FakeHub
+
+    hub = FakeHub()
+    hub.add("org/tiny", tiny_model_template)
+    hub.delay_s = 0.3
+    hub.start()
+    try:
+        server = make_server(HF_ENDPOINT=hub.url).start()
+        page = open_page(server.url)
+        page.goto("/models")
+        page.click("#pull-submit")
+        expect(page.locator("#pull-repo-error")).to_have_text("required")
+        console.allow(r"status of 422")
+        page.fill("#pull-repo", "not a repo")
+        page.click("#pull-submit")
+        expect(page.locator("#pull-repo-error")).to_contain_text("must be org/name")
+        page.fill("#pull-repo", "org/tiny")
+        page.click("#pull-submit")
+        expect(page.locator("#pull-progress")).to_be_visible()
+        expect(page.locator("#pull-text")).to_contain_text("org/tiny: ")
+        expect(page.locator("#toast")).to_contain_text("Downloaded and registered org/tiny", timeout=120_000)
+        expect(page.locator('#models-table tr[data-model-name="org/tiny"]')).to_be_visible()
+        bar = page.locator("#pull-bar")
+        assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
+    finally:
+        hub.stop()
+
+    off = make_server(SUPPORTED_MODEL_SOURCES="local").start()
+    page = open_page(off.url)
+    page.goto("/models")
+    expect(page.locator("#pull-disabled")).to_contain_text("huggingface is not in SUPPORTED_MODEL_SOURCES")
+    expect(page.locator("#pull-form")).to_have_count(0)

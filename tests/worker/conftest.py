@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api.conftest import Server, free_port, kill_engines
+from tests.api.conftest import Server, kill_engines
 from tests.api.flows import register_model, tiny_model_in, upload_dataset
 from tests.conftest import chat_rows, write_jsonl
 
@@ -32,42 +29,16 @@ def clean_env(home: Path) -> dict[str, str]:
 
 
 @dataclass
-class Worker:
-    home: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
+class Worker(Server):
+    """A real `usf-bios worker`: Server's process handling, its own command, health route and log."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    command: str = "worker"
+    health_path: str = "/health"
+    log_name: str = "worker.log"
 
-    def start(self, timeout: float = 60) -> "Worker":
-        log = (self.home / "worker.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "usf_bios", "worker", "--port", str(self.port)],
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()[-3000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("the worker did not come up: " + self.log()[-3000:])
-
-    def log(self) -> str:
-        return (self.home / "worker.log").read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-
-    def client(self, key: str | None = WORKER_KEY) -> httpx.Client:
+    def client(self, key: str | None = WORKER_KEY, timeout: float = 30) -> httpx.Client:  # type: ignore[override]
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.api.flows import final, job_spec, submit, wait_for
-from tests.web.conftest import browser, console, open_page  # noqa: F401  (the browser fixtures)
 from tests.worker.conftest import prepare
 
 STEPS = 8

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -26,6 +28,7 @@ from usf_bios.spec import field_errors
 from usf_bios.storage import StorageLayout
 from usf_bios.web import mount_web
 
+log = logging.getLogger("usf_bios.server")
 DOMAIN_STATUS: dict[type[DomainError], int] = {NotFound: 404, Conflict: 409, Forbidden: 403, Unsupported: 415,
                                                Invalid: 422}
 
@@ -64,8 +67,30 @@ def _authenticator(app: FastAPI) -> Any:
     return authenticate
 
 
+def adopt_storage(db: Database, layout: StorageLayout, settings: Settings) -> None:
+    """At start: register the model folders (scan, as the local user) and adopt the jobs the store does not know
+    (control/adopt.py), so what `usf-bios train` and `usf-bios demo` made is visible at once."""
+    from usf_bios.control.adopt import adopt_jobs
+    from usf_bios.control.keys import LOCAL_USER
+    from usf_bios.control.models import scan_models
+
+    with db.session() as session:
+        try:
+            scan_models(session=session, caller=LOCAL_USER, layout=layout, settings=settings)
+        except Exception:  # a folder the scan cannot read must not keep the server from starting
+            session.rollback()
+            log.exception("the model scan at start failed")
+        result = adopt_jobs(session=session, layout=layout, settings=settings)
+    if result.adopted:
+        log.info("adopted %d job(s) found in %s", len(result.adopted), layout.output)
+    for folder, reason in result.skipped:
+        log.warning("job folder %s not adopted: %s", folder, reason)
+
+
 def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
     """The app for these settings; ``host`` decides whether API keys are required."""
+    from usf_bios.control.adopt import INTERVAL_S as ADOPT_INTERVAL_S
+    from usf_bios.control.pulls import Pulls
     from usf_bios.control.scheduler import Scheduler
 
     @asynccontextmanager
@@ -74,8 +99,10 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         sweep_orphan_uploads(app.state.layout)
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")
+        await run_in_threadpool(adopt_storage, app.state.db, app.state.layout, settings)
         app.state.feeds = {}   # job id → the one live feed its event streams share (api/feeds.py)
-        app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings)
+        app.state.scheduler = Scheduler(app.state.db, app.state.layout, settings, adopt_every=ADOPT_INTERVAL_S)
+        app.state.pulls = Pulls(app.state.db, app.state.layout, settings)
         if start_scheduler:
             app.state.scheduler.start()
         yield

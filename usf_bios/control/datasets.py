@@ -205,6 +205,9 @@ def preview_examples(*, entry: DatasetEntry, limit: int) -> list[PreviewExample]
 def delete_dataset(*, session: Session, layout: StorageLayout, entry: DatasetEntry) -> None:
     """Remove the row and its folder; Conflict while a job refers to it."""
     jobs = list(session.scalars(select(Job.id).where(Job.dataset_id == entry.id).limit(6)))
+    if len(jobs) < 6:   # a mixture's other datasets are in the locked spec only
+        jobs += [job_id for job_id, spec in session.execute(select(Job.id, Job.spec).where(Job.dataset_id != entry.id))
+                 if any(isinstance(d, dict) and d.get("name") == entry.path for d in (spec or {}).get("datasets") or [])]
     if jobs:
         shown = ", ".join(jobs[:5]) + (", …" if len(jobs) > 5 else "")
         raise Conflict(f"dataset {entry.name!r} is used by job(s) {shown}; delete those jobs first")

@@ -137,14 +137,19 @@ def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str
 
 
 def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
-                 prices: dict[str, float]) -> EstimatePublic:
-    """``token_lengths``: every example's length in tokens (before truncation), in dataset order. The training
-    split and the packed rows are the engine's own (same seeded split, same bin packing)."""
-    from usf_bios.engine.data import pack_rows, split_indices
+                 prices: dict[str, float], sources: Sequence[int] | None = None,
+                 weights: Sequence[float] | None = None) -> EstimatePublic:
+    """``token_lengths``: every example's length in tokens (before truncation), in dataset order; for a weighted
+    mixture ``sources`` holds each example's dataset and ``weights`` each dataset's weight. The training split,
+    the weighting and the packed rows are the engine's own (same seeded split and sampling, same bin packing)."""
+    from usf_bios.engine.data import pack_rows, split_indices, weigh_training
 
     hp, gpus = spec.hyperparameters, spec.gpu_config
     config = json.loads((model_folder / "config.json").read_text())
     _, train = split_indices(len(token_lengths), hp.val_split, hp.seed)
+    if weights is not None:
+        assert sources is not None
+        train = weigh_training(train, sources, weights, hp.seed)
     train_lengths = [min(token_lengths[i], hp.max_seq_length) for i in train]
     tokens_per_epoch = sum(train_lengths)
     rows = len(pack_rows(train_lengths, hp.max_seq_length)) if hp.packing else len(train_lengths)

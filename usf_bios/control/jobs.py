@@ -25,8 +25,9 @@ from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
 from usf_bios.control.executors.base import Executor, Resources
 from usf_bios.engine.preflight import device_faults
+from usf_bios.engine.reporters import ReporterError, check_reporters
 from usf_bios.settings import Settings
-from usf_bios.spec import JobSpec
+from usf_bios.spec import DatasetRef, JobSpec
 from usf_bios.models.inspect import folder_size
 from usf_bios.storage import StorageLayout, confine
 
@@ -35,15 +36,19 @@ MAX_LIST = 500
 
 def check_request(caller: Caller, spec: JobSpec, offered: Resources | None = None, *, local: bool = False) -> None:
     """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
-    (the model's own Python code would run in the engine with the server's rights), and the device rules
+    (the model's own Python code would run in the engine with the server's rights), the device rules
     (``engine.preflight.device_faults``: what the engine refuses on any machine; with ``offered``, the executor's
-    resources, also more GPUs than it has, and a quantized model without bitsandbytes where it runs here). The
-    first fault is raised as Invalid naming its field."""
+    resources, also more GPUs than it has, and a quantized model without bitsandbytes where it runs here; the
+    first, as Invalid naming its field), and a ``report_to`` tool not installed or not configured here."""
     if spec.trust_remote_code and not caller.is_admin:
         raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
                         "own Python code in the engine)")
     if problems := device_faults(spec, None if offered is None else offered.gpus, local=local):
         raise Invalid(*problems[0])
+    try:
+        check_reporters(spec)   # report_to: each tool's package installed and configured on this server
+    except ReporterError as err:
+        raise Invalid("report_to", str(err).removeprefix("report_to: ")) from None
 
 
 def executor_resources(spec: JobSpec, settings: Settings, executors: Mapping[str, Executor]) -> tuple[Resources, bool]:
@@ -64,10 +69,20 @@ def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tu
         raise Invalid("base_model", f"no registered model {spec.base_model!r} (register it with POST /api/models)")
     if not model.valid:
         raise Invalid("base_model", f"model {model.name!r} is not usable: {'; '.join(model.problems)}")
-    dataset = find_dataset(session, caller, spec.dataset)
-    if dataset is None:
-        raise Invalid("dataset", f"no registered dataset {spec.dataset!r} (upload it with POST /api/datasets)")
-    return model, dataset
+    return model, resolve_datasets(session=session, caller=caller, spec=spec)[0][0]
+
+
+def resolve_datasets(*, session: Session, caller: Caller, spec: JobSpec) -> list[tuple[DatasetEntry, float]]:
+    """Each registered dataset of the spec with its weight: the one ``dataset``, or every one of ``datasets``
+    (Invalid names the missing one: ``datasets.1.name``)."""
+    found = []
+    for index, (ref, weight) in enumerate(spec.dataset_refs()):
+        entry = find_dataset(session, caller, ref)
+        if entry is None:
+            field = "dataset" if spec.datasets is None else f"datasets.{index}.name"
+            raise Invalid(field, f"no registered dataset {ref!r} (upload it with POST /api/datasets)")
+        found.append((entry, weight))
+    return found
 
 
 def executor_for(spec: JobSpec, settings: Settings) -> str:
@@ -87,7 +102,15 @@ def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, setti
         offered, local = executor_resources(spec, settings, executors)
         check_request(caller, spec, offered, local=local)
     model, dataset = resolve_references(session=session, caller=caller, spec=spec)
-    locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
+    if executor == "remote" and spec.datasets is not None:
+        raise Invalid("datasets", "a remote job takes one dataset (the worker contract sends one dataset_url); "
+                                  "give dataset, or run the mixture on the local executor")
+    if spec.datasets is None:
+        locked = spec.model_copy(update={"base_model": model.path, "dataset": dataset.path})
+    else:
+        mixture = [DatasetRef(name=entry.path, weight=weight)
+                   for entry, weight in resolve_datasets(session=session, caller=caller, spec=spec)]
+        locked = spec.model_copy(update={"base_model": model.path, "datasets": mixture})
     job_id = create_job(locked, layout)
     job = Job(id=job_id, name=spec.name, status=JobStatus.QUEUED.value, spec=locked.model_dump(mode="json"),
               request=spec.model_dump(mode="json"), model_id=model.id, dataset_id=dataset.id,
@@ -237,10 +260,12 @@ def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes
 
 
 def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings,
+             sources: list[int] | None = None, weights: list[float] | None = None,
              executors: Mapping[str, Executor] | None = None) -> EstimatePublic:
-    """The job's estimate from its dataset's token lengths; Invalid where the model's config cannot be read or the
-    engine would refuse the speed switches. With ``executors``, ``warning`` says what a submit would be refused
-    for here (the estimate itself still answers: a spec may be planned for other hardware)."""
+    """The job's estimate from its dataset's token lengths (a weighted mixture's: with each example's dataset in
+    ``sources`` and the datasets' ``weights``); Invalid where the model's config cannot be read or the engine would
+    refuse the speed switches. With ``executors``, ``warning`` says what a submit would be refused for here (the
+    estimate itself still answers: a spec may be planned for other hardware)."""
     import json
 
     from usf_bios.control.estimate import estimate_job
@@ -256,7 +281,8 @@ def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, 
         if faults:
             warning = "a submit would be refused here: {}: {}".format(*faults[0])
     try:
-        answer = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices)
+        answer = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices, sources,
+                              weights)
         return answer.model_copy(update={"warning": warning})
     except (OSError, json.JSONDecodeError) as exc:
         raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None

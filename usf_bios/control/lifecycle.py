@@ -93,3 +93,15 @@ def requeue(job: "Job", reset_attempts: bool = False) -> None:
         job.attempts = 0
     job.finished_at = None
     job.cancel_requested_at = None
+
+
+def mark_adopted(job: "Job", status: JobStatus, *, handle: str | None = None, error: str | None = None,
+                 finished_at: datetime | None = None) -> None:
+    """A row new to the store for a job found in the storage layout (control/adopt.py): the status its files show —
+    running (followed through ``handle``), interrupted, or the terminal status of its ``done`` event."""
+    if getattr(job, "status", None) is not None:
+        raise InvalidTransition(job.id, JobStatus(job.status), status)
+    if status not in (S.RUNNING, S.INTERRUPTED) and not status.is_terminal:
+        raise ValueError(f"an adopted job is running, interrupted or final, not {status.value}")
+    job.status = status.value
+    job.handle, job.error, job.finished_at = handle, error, finished_at

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from usf_bios.control import lifecycle
+from usf_bios.control import adopt, lifecycle
+from usf_bios.control.artifacts import record_artifact
 from usf_bios.control.db import Database
 from usf_bios.control.executors.base import Executor
 from usf_bios.control.executors.local import LocalExecutor
 from usf_bios.control.follow import apply_events
-from usf_bios.control.keys import owned_by
 from usf_bios.control.lifecycle import JobStatus
-from usf_bios.control.tables import Artifact, Job, as_utc
+from usf_bios.control.tables import Job, as_utc
 from usf_bios.engine.events import DoneEvent
-from usf_bios.models.inspect import folder_size
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
 
@@ -42,12 +42,15 @@ def configured_executors(layout: StorageLayout, settings: Settings) -> dict[str,
 
 class Scheduler:
     def __init__(self, db: Database, layout: StorageLayout, settings: Settings,
-                 executors: dict[str, Executor] | None = None):
+                 executors: dict[str, Executor] | None = None, adopt_every: float | None = None):
         self.db, self.layout, self.settings = db, layout, settings
         self.executors: dict[str, Executor] = executors or configured_executors(layout, settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # the server (not a GPU worker) also adopts job folders `usf-bios train` starts while it runs
+        self.adopt_every = adopt_every
+        self._next_adoption = time.monotonic() + (adopt_every or 0.0)   # the server adopts once at start itself
 
     # -- thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +78,13 @@ class Scheduler:
 
     # -- one pass ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        if self.adopt_every and time.monotonic() >= self._next_adoption:
+            self._next_adoption = time.monotonic() + self.adopt_every
+            try:
+                with self.db.session() as session:
+                    adopt.adopt_jobs(session=session, layout=self.layout, settings=self.settings)
+            except Exception:  # the jobs it already follows come first
+                log.exception("adopting job folders failed")
         with self.db.session() as session:
             for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created_at)).all():
                 self._follow(session, job)
@@ -104,7 +114,7 @@ class Scheduler:
     def _finish(self, session: Session, job: Job, done: DoneEvent) -> None:
         if done.status == JobStatus.COMPLETED:
             lifecycle.mark_completed(job)
-            self._record_artifact(session, job)
+            record_artifact(session, self.layout, job)
         elif done.status == JobStatus.CANCELLED:
             lifecycle.mark_cancelled(job)
         else:
@@ -122,14 +132,6 @@ class Scheduler:
             log.warning("job %s interrupted (%s); queued again to resume", job.id, reason)
         else:
             lifecycle.mark_failed(job, f"{reason}; gave up after {job.attempts} attempts")
-
-    def _record_artifact(self, session: Session, job: Job) -> None:
-        folder = self.layout.job_output(job.id)
-        query = select(func.max(Artifact.version)).where(Artifact.name == job.name,
-                                                         owned_by(Artifact.owner_key_id, job.owner_key_id))
-        latest = session.scalar(query)
-        session.add(Artifact(job_id=job.id, name=job.name, version=(latest or 0) + 1, path=str(folder),
-                             size_bytes=folder_size(folder), owner_key_id=job.owner_key_id))
 
     # -- starting ----------------------------------------------------------------------------------
     def _start_queued(self, session: Session) -> None:

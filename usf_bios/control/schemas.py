@@ -4,6 +4,7 @@ rendered by the dashboard's fragments."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -190,6 +191,44 @@ class ModelPublic(_Out):
     valid: bool
     problems: list[str]
     created_at: datetime
+
+
+class PullCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str = Field(..., max_length=200, description="The model on the Hugging Face Hub: org/name.")
+    revision: str = Field("main", min_length=1, max_length=200, description="Branch, tag or commit.")
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME,
+                             description="The registered model's name (default: the repo id).")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _org_name(cls, value: str) -> str:
+        if not re.fullmatch(REPO_ID, value):
+            raise ValueError("must be org/name: letters, digits, '.', '_' and '-' on each side of one '/'")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*", value) or ".." in value:
+            raise ValueError("must be a branch, tag or commit: letters, digits, '.', '_', '-' and '/'")
+        return value
+
+
+class PullPublic(_Out):
+    """A download from the Hub the server runs; the model is registered once it is complete."""
+
+    id: str
+    repo_id: str
+    revision: str
+    name: str
+    status: Literal["running", "completed", "failed"]
+    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the Hub has answered.")
+    total_bytes: int | None
+    bytes_done: int = Field(description="Bytes in the hub cache so far, partial files included.")
+    error: str | None
+    model: ModelPublic | None = Field(description="The registered model, once completed.")
 
 
 class ScanSkipped(_Out):

@@ -102,6 +102,7 @@ class TrainerState:
     total_steps: int = 0
     data_sha256: str = ""
     spec_fingerprint: str = ""
+    world_size: int = 1          # ranks the job ran on: the data order per step depends on it
 
 
 def _fsync_dir(path: Path) -> None:

@@ -205,13 +205,39 @@ def split_indices(count: int, val_split: float, seed: int) -> tuple[list[int], l
     return shuffled[:n_val], shuffled[n_val:]
 
 
+def weighted_take(count: int, weight: float, seed: int) -> list[int]:
+    """Indices ``0 .. count-1`` sampled at ``weight``: each ``floor(weight)`` times, then a share ``weight -
+    floor(weight)`` of them picked by a permutation seeded by ``seed`` (in index order): 2.5 × 10 gives 25."""
+    whole = math.floor(weight)
+    taken = list(range(count)) * whole
+    extra = round((weight - whole) * count)
+    if extra:
+        taken += sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()[:extra])
+    return taken
+
+
+def weigh_training(train: list[int], sources: Sequence[int], weights: Sequence[float], seed: int) -> list[int]:
+    """The training indices of a dataset mixture, each dataset's sampled at its weight (``sources[i]``: the
+    dataset of example ``i``). Validation examples are never repeated, so no copy of one lands in training."""
+    out: list[int] = []
+    for dataset, weight in enumerate(weights):
+        members = [i for i in train if sources[i] == dataset]
+        out += [members[j] for j in weighted_take(len(members), weight, seed * 7919 + dataset)]
+    return out
+
+
 class TrainingData:
-    """Train/validation rows and the deterministic order of micro-batches in each epoch."""
+    """Train/validation rows and the deterministic order of micro-batches in each epoch. With ``sources`` and
+    ``weights`` (a dataset mixture) each dataset's training examples are sampled at its weight."""
 
     def __init__(self, examples: list[TokenizedExample], *, batch_size: int, max_seq_length: int,
-                 packing: bool, val_split: float, seed: int, pad_id: int):
+                 packing: bool, val_split: float, seed: int, pad_id: int,
+                 sources: Sequence[int] | None = None, weights: Sequence[float] | None = None):
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
         val, train = split_indices(len(examples), val_split, seed)
+        if weights is not None:
+            assert sources is not None and len(sources) == len(examples)
+            train = weigh_training(train, sources, weights, seed)
         self.val_examples, self.train_examples = [examples[i] for i in val], [examples[i] for i in train]
         self._order: tuple[int, list[int]] = (-1, [])
         self.train_rows = self._rows(self.train_examples, packing, max_seq_length)

@@ -10,7 +10,7 @@ starts on a fresh line, so a resumed job keeps one readable stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TextIO, Union
 
@@ -159,9 +159,12 @@ class EventLog:
         self._events = _open_append(events_path)
         self._log = _open_append(log_path)
         self._echo = echo
+        self.sinks: list[Callable[[_Event], None]] = []   # also told of every event (engine/reporters.py)
 
     def emit(self, event: _Event) -> _Event:
         self._events.write(event.model_dump_json() + "\n")
+        for sink in self.sinks:
+            sink(event)
         return event
 
     def log(self, message: str, echo: bool = True) -> None:

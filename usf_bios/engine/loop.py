@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from usf_bios.engine.checkpoint import TrainerState, save_checkpoint
 from usf_bios.engine.data import Batch, TrainingData
+from usf_bios.engine.distributed import World, all_sum, any_rank
 from usf_bios.engine.events import CheckpointEvent, EvalEvent, EventLog, MetricEvent
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
@@ -50,6 +51,8 @@ class TrainingRun:
     plan: SpeedPlan
     show_progress: bool = False
     after_step: Callable[[int], None] | None = None   # called with the step number (the profiler steps with it)
+    world: World = World()
+    ddp: Any = None   # the DDP-wrapped loss module when the job runs on several ranks (engine/distributed.py)
 
 
 def batch_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
@@ -81,12 +84,13 @@ def evaluate(run: TrainingRun) -> float | None:
 
 
 def next_micro_batches(run: TrainingRun) -> list[Batch]:
-    """The micro-batches of the next optimizer step; an epoch's last step may take fewer."""
+    """The micro-batches of the next optimizer step, of every rank (``gradient_accumulation_steps`` × world
+    size); an epoch's last step may take fewer."""
     state, data, per_epoch = run.state, run.data, run.data.micro_batches_per_epoch
     if state.micro_batch >= per_epoch:
         state.epoch, state.micro_batch = state.epoch + 1, 0
     order = data.epoch_order(state.epoch)
-    take = min(run.hp.gradient_accumulation_steps, per_epoch - state.micro_batch)
+    take = min(run.hp.gradient_accumulation_steps * run.world.size, per_epoch - state.micro_batch)
     if run.plan.tokens_per_pass:
         batches = data.merged_batches(order, state.micro_batch, take, run.plan.tokens_per_pass)
     else:
@@ -181,27 +185,36 @@ def train(run: TrainingRun) -> JobStatus:
             readout, pending = pending, None
             report(readout)
 
+    world = run.world
     with progress:
         while state.step < state.total_steps:
-            if run.should_stop():
+            if any_rank(run.should_stop(), world, device):   # every rank stops at the same step
                 settle()
-                if state.step > 0:
+                if state.step > 0 and world.is_main:
                     path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
                     events.emit(CheckpointEvent(step=state.step, path=str(path)))
                 events.log(f"stop requested: stopping at step {state.step}")
                 return JobStatus.CANCELLED
             with torch.profiler.record_function("usf.next_micro_batches"):
                 batches = next_micro_batches(run)
-            step_tokens = sum(b.trained_tokens for b in batches)
+            step_tokens = sum(b.trained_tokens for b in batches)   # of the whole step, every rank's share
+            mine, weight = batches[world.rank::world.size], 1.0
+            if not mine:   # an epoch's short last step: DDP needs a backward of every rank, this one counts nothing
+                mine, weight = batches[:1], 0.0
             step_loss = torch.zeros((), device=device)
-            for batch in batches:
+            for index, batch in enumerate(mine):
                 batch = batch.to(device)
-                with autocast(run.placement):
-                    loss = batch_loss(run, batch) / max(step_tokens, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
+                last = index == len(mine) - 1
+                with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+                    with autocast(run.placement):
+                        summed = batch_loss(run, batch) if run.ddp is None else run.ddp(batch)
+                        loss = summed * (weight / max(step_tokens, 1))
+                    scaled = loss * world.size if run.ddp is not None else loss   # DDP averages over the ranks
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += loss.detach()
-                state.samples_seen += batch.rows
-                state.tokens_seen += batch.real_tokens
+            state.samples_seen += sum(b.rows for b in batches)
+            state.tokens_seen += sum(b.real_tokens for b in batches)
+            all_sum(step_loss, world)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm_tensor = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
@@ -223,8 +236,9 @@ def train(run: TrainingRun) -> JobStatus:
             pending, step_start = queued, queued.ended
             if run.after_step is not None:
                 run.after_step(state.step)
-            evaluating = bool(run.data.val_rows) and (state.step % hp.eval_steps == 0 or state.step == state.total_steps)
-            saving = state.step % hp.save_steps == 0 and state.step < state.total_steps
+            evaluating = (bool(run.data.val_rows) and world.is_main
+                          and (state.step % hp.eval_steps == 0 or state.step == state.total_steps))
+            saving = state.step % hp.save_steps == 0 and state.step < state.total_steps and world.is_main
             if evaluating or saving or state.step == state.total_steps:
                 settle()
             if evaluating:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from usf_bios.engine.attention import use_varlen_attention
+from usf_bios.engine.distributed import World
 from usf_bios.engine.fused_lora import fuse_lora_layers, keep_dequantized_where_recomputed
 from usf_bios.engine.loss import head_is_plain
 from usf_bios.engine.memory import activation_bytes_per_token, expandable_segments_active, free_gpu_bytes, tokens_per_pass
@@ -46,7 +47,7 @@ def device_problems(spec: JobSpec) -> list[tuple[str, str]]:
     with them before anything runs."""
     hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
     problems = []
-    if gpus > 1:
+    if gpus > 1:   # the engine runs under torchrun (engine/distributed.py); the executors do not start it yet
         problems.append(("gpu_config.num_gpus", f"{gpus} GPUs: one job trains on one GPU for now; set num_gpus: 1"))
     if gpus == 0 and hp.precision == "fp16":
         problems.append(("hyperparameters.precision", "fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU"))
@@ -56,8 +57,9 @@ def device_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def choose_placement(spec: JobSpec) -> Placement:
-    """CPU when num_gpus is 0, else the first visible GPU (CUDA_VISIBLE_DEVICES decides which)."""
+def choose_placement(spec: JobSpec, world: World | None = None) -> Placement:
+    """CPU when num_gpus is 0, else the first visible GPU (CUDA_VISIBLE_DEVICES decides which) — or, for a rank
+    of a job on several GPUs, the rank's own (its LOCAL_RANK)."""
     if problems := device_problems(spec):
         field, reason = problems[0]
         raise ModelLoadError(f"{field}: {reason}")
@@ -68,7 +70,8 @@ def choose_placement(spec: JobSpec) -> Placement:
         raise ModelLoadError(f"gpu_config.num_gpus is {gpus} but no CUDA GPU is visible; set gpu_config.num_gpus: 0 "
                              "to train on the CPU")
     else:
-        device = torch.device("cuda", 0)
+        device = torch.device("cuda", world.local_rank if world is not None else 0)
+        torch.cuda.set_device(device)
     precision = hp.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

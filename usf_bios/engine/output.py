@@ -29,7 +29,7 @@ def model_card(spec: JobSpec, base_path: str, points: list[dict[str, Any]], fact
 A LoRA adapter trained with USF BIOS.
 
 - **Base model**: `{spec.base_model}` (`{base_path}`)
-- **Dataset**: `{spec.dataset}` ({facts['dataset_format']}, {facts['train_examples']} training / {facts['validation_examples']} validation examples)
+- **Dataset**: {", ".join(f"`{name}`" + (f" × {weight:g}" if spec.datasets else "") for name, weight in spec.dataset_refs())} ({facts['dataset_format']}, {facts['train_examples']} training / {facts['validation_examples']} validation examples)
 - **Steps**: {facts['total_steps']} on {facts['device']} in {facts['precision']}
 - **Final training loss**: {fmt(final_loss)} · **final validation loss**: {fmt(final_val)}
 
@@ -58,7 +58,7 @@ def write_outputs(folder: Path, model: Any, tokenizer: Any, spec: JobSpec, base_
     tokenizer.save_pretrained(folder)
     points = training_log(read_events(events_path)[0])
     args = {**spec.hyperparameters.model_dump(mode="json"), "base_model": spec.base_model,
-            "base_model_path": str(base_path), "dataset": spec.dataset, **facts, "versions": _versions()}
+            "base_model_path": str(base_path), "dataset": spec.dataset, "datasets": spec.model_dump(mode="json")["datasets"], **facts, "versions": _versions()}
     (folder / "training_args.json").write_text(json.dumps(args, indent=2))
     (folder / "training_log.json").write_text(json.dumps(points, indent=2))
     (folder / "README.md").write_text(model_card(spec, str(base_path), points, facts))

@@ -7,6 +7,7 @@ Exit status: 0 completed, 1 failed, 3 cancelled (SIGTERM or Ctrl-C: a checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -20,17 +21,20 @@ from typing import Any
 
 import torch
 
-from usf_bios.datasets.formats import LoadedDataset, load_dataset
-from usf_bios.datasets.locate import locate_dataset
+from usf_bios.datasets.mixture import DatasetMixture, load_mixture
 from usf_bios.engine import checkpoint as ckpt
+from usf_bios.engine import distributed
+from usf_bios.engine.distributed import World, world_from_env
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
 from usf_bios.engine.events import EventLog
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, make_optimizer, train
+from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.memory import prefer_expandable_segments
 from usf_bios.engine.model import build_model, choose_placement, free_gpu_memory, load_base_model, load_tokenizer
 from usf_bios.engine.output import write_outputs
 from usf_bios.engine.plan import resolve_plan
+from usf_bios.engine.reporters import Reporters, check_reporters, open_reporters
 from usf_bios.engine.threads import use_cpu_share
 from usf_bios.models.sources import ResolvedModel, resolve_model
 from usf_bios.models.validate import check_model_folder
@@ -86,34 +90,40 @@ class _StopFlag:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
 
-def _tokenize(dataset: LoadedDataset, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
+def _tokenize(mixture: DatasetMixture, tokenizer: object, spec: JobSpec, events: EventLog) -> TrainingData:
     hp = spec.hyperparameters
-    encoded, truncated, empty = [], 0, 0
-    for example in dataset.examples:
-        try:
-            item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
-        except TokenizationError as err:
-            raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
-        truncated += item.truncated
-        if item.trained_tokens == 0:
-            empty += 1
-            continue
-        encoded.append(item)
+    encoded, sources, truncated, empty = [], [], 0, 0
+    for source, (dataset, _weight) in enumerate(mixture.parts):
+        for example in dataset.examples:
+            try:
+                item = encode_example(example, tokenizer, hp.max_seq_length, hp.train_on_inputs)
+            except TokenizationError as err:
+                raise TokenizationError(f"{dataset.path}:{example.line}: {err}") from None
+            truncated += item.truncated
+            if item.trained_tokens == 0:
+                empty += 1
+                continue
+            encoded.append(item)
+            sources.append(source)
     if truncated:
-        events.log(f"{truncated} of {len(dataset.examples)} examples were truncated to max_seq_length {hp.max_seq_length}")
+        events.log(f"{truncated} of {mixture.example_count} examples were truncated to max_seq_length {hp.max_seq_length}")
     if empty:
         events.log(f"{empty} examples had no trained tokens left after truncation and were dropped")
     if not encoded:
         raise TokenizationError("no example has a trained token left; raise max_seq_length")
+    weights = [weight for _, weight in mixture.parts] if mixture.weighted else None
+    if weights is not None:
+        events.log("datasets: " + ", ".join(f"{d.path.name} × {w:g}" for d, w in mixture.parts))
     return TrainingData(encoded, batch_size=hp.batch_size, max_seq_length=hp.max_seq_length, packing=hp.packing,
-                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
+                        val_split=hp.val_split, seed=hp.seed, pad_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                        sources=sources, weights=weights)
 
 
-def _total_steps(spec: JobSpec, data: TrainingData) -> int:
+def _total_steps(spec: JobSpec, data: TrainingData, world: World) -> int:
     hp = spec.hyperparameters
     if hp.max_steps:
         return hp.max_steps
-    per_epoch = -(-data.micro_batches_per_epoch // hp.gradient_accumulation_steps)
+    per_epoch = -(-data.micro_batches_per_epoch // (hp.gradient_accumulation_steps * world.size))
     return per_epoch * hp.num_epochs
 
 
@@ -133,11 +143,14 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
     """
     prefer_expandable_segments()
     spec = locked_spec(job_id, layout)
-    with job_lock(layout.job_output(job_id)):
+    world = world_from_env()
+    # one engine per job: its rank 0 holds the lock (the other ranks of a torchrun job run beside it)
+    with job_lock(layout.job_output(job_id)) if world.is_main else contextlib.nullcontext():
         try:
-            return _run(job_id, spec, layout, show_progress=show_progress, echo=echo)
+            return _run(job_id, spec, layout, world, show_progress=show_progress, echo=echo)
         finally:
             free_gpu_memory()
+            distributed.stop()
 
 
 @dataclass
@@ -147,21 +160,28 @@ class Recipe:
     run: TrainingRun
     tokenizer: Any
     model_source: ResolvedModel
-    dataset: LoadedDataset
+    dataset: DatasetMixture
+    reporters: Reporters
 
 
 def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, stop: _StopFlag,
-          show_progress: bool) -> Recipe:
+          show_progress: bool, world: World = World()) -> Recipe:
     """Load the model with its speed plan, tokenize the dataset, build the optimizer and scheduler, and continue
     from the newest checkpoint when there is one."""
     hp, checkpoint_dir = spec.hyperparameters, layout.job_checkpoints(job_id)
+    check_reporters(spec)   # a report_to tool that cannot work fails the job before the model loads
     resume_from = ckpt.latest_checkpoint(checkpoint_dir)
     ckpt.clean_partial(checkpoint_dir)
     events.log(f"job {job_id}: {'resuming from ' + resume_from.name if resume_from else 'starting'} (pid {os.getpid()})")
     use_cpu_share(spec, get_settings(), events.log)  # a CPU job computes with its share of the cores
     torch.manual_seed(hp.seed)
     events.stage("loading_model")
-    placement = choose_placement(spec)
+    placement = choose_placement(spec, world)
+    distributed.start(world, placement.device.type)
+    if world.distributed:
+        events.log(f"rank {world.rank} of {world.size} (DistributedDataParallel, "
+                   f"{'NCCL' if placement.device.type == 'cuda' else 'gloo'}): an optimizer step takes "
+                   f"{hp.gradient_accumulation_steps * world.size} micro-batches of {hp.batch_size} rows")
     resolved = resolve_model(spec.base_model, layout, get_settings().supported_model_sources)
     events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
     config = check_model_folder(resolved.path)
@@ -171,19 +191,28 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     for note in notes:
         events.log(note)
     events.stage("tokenizing")
-    dataset = load_dataset(locate_dataset(spec.dataset, layout), spec.dataset_format)
+    dataset = load_mixture(spec.dataset_refs(), spec.dataset_format, layout)
     data = _tokenize(dataset, tokenizer, spec, events)
-    total_steps = _total_steps(spec, data)
+    total_steps = _total_steps(spec, data, world)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], hp, plan)
     scheduler = _scheduler(optimizer, spec, total_steps)
-    state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint())
+    state = ckpt.TrainerState(total_steps=total_steps, data_sha256=dataset.sha256, spec_fingerprint=spec.fingerprint(),
+                              world_size=world.size)
     if resume_from is not None:
         state = _resume(resume_from, state, model, optimizer, scheduler, events)
     events.log(f"{len(data.train_examples)} training / {len(data.val_examples)} validation examples, "
                f"{len(data.train_rows)} rows, {data.micro_batches_per_epoch} micro-batches per epoch, {total_steps} steps")
+    ddp = None
+    if world.distributed:
+        ddp = distributed.wrap_ddp(model, lambda m, b: loss_sum(m, b, loss=plan.loss, attention=plan.attention), world)
     run = TrainingRun(model, optimizer, scheduler, data, placement, hp, state, events, checkpoint_dir,
-                      should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress)
-    return Recipe(run, tokenizer, resolved, dataset)
+                      should_stop=lambda: stop.requested, plan=plan, show_progress=show_progress and world.is_main,
+                      world=world, ddp=ddp)
+    # the job's numbers are rank 0's: only it reports to TensorBoard / MLflow / W&B
+    reporters = open_reporters(spec if world.is_main else spec.model_copy(update={"report_to": []}), job_id, layout,
+                               state.step, events.log)
+    events.sinks.append(reporters.on_event)
+    return Recipe(run, tokenizer, resolved, dataset, reporters)
 
 
 def _resume(folder: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
@@ -194,6 +223,10 @@ def _resume(folder: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, 
     if saved.data_sha256 != state.data_sha256:
         raise ResumeRefused(f"the dataset changed since {folder.name} was saved "
                             f"(sha256 {saved.data_sha256[:12]}… → {state.data_sha256[:12]}…); start a new job")
+    if saved.world_size != state.world_size:
+        raise ResumeRefused(f"{folder.name} was saved by a job on {saved.world_size} rank(s); this run has "
+                            f"{state.world_size} (the data order of a step depends on it): resume on "
+                            f"{saved.world_size} GPU(s)")
     if saved.spec_fingerprint != state.spec_fingerprint:
         raise ResumeRefused(f"the job's spec changed since {folder.name} was saved; start a new job")
     restored = ckpt.restore_checkpoint(folder, model, optimizer, scheduler)
@@ -212,27 +245,43 @@ def save(output_dir: Path, recipe: Recipe, spec: JobSpec, events: EventLog) -> N
     write_outputs(output_dir, run.model, recipe.tokenizer, spec, recipe.model_source.path, events.events_path, facts)
 
 
-def _run(job_id: str, spec: JobSpec, layout: StorageLayout, *, show_progress: bool, echo: bool) -> JobResult:
+def rank_events(job_id: str, layout: StorageLayout, world: World, echo: bool) -> EventLog:
+    """Rank 0 writes the job's events and log; another rank its own (``{job_id}.rank{N}.…``), which nothing
+    follows: the job's numbers are rank 0's, over the whole step."""
+    if world.is_main:
+        return EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
+    return EventLog(layout.logs / f"{job_id}.rank{world.rank}.events.jsonl", layout.logs / f"{job_id}.rank{world.rank}.log")
+
+
+def _run(job_id: str, spec: JobSpec, layout: StorageLayout, world: World, *, show_progress: bool,
+         echo: bool) -> JobResult:
     """setup → train → save → cleanup; a failure at any step ends the job as failed with its reason."""
     output_dir = layout.job_output(job_id)
-    events = EventLog(layout.job_events(job_id), layout.job_log(job_id), echo=echo)
+    events = rank_events(job_id, layout, world, echo)
     stop = _StopFlag()
     stop.install()
+    recipe: Recipe | None = None
+    status = JobStatus.FAILED
     try:
-        recipe = setup(job_id, spec, layout, events, stop, show_progress)
+        recipe = setup(job_id, spec, layout, events, stop, show_progress, world)
         events.stage("training", total_steps=recipe.run.state.total_steps)
         if train(recipe.run) == JobStatus.CANCELLED:
-            events.done(JobStatus.CANCELLED)
-            return JobResult(job_id, JobStatus.CANCELLED, output_dir)
-        save(output_dir, recipe, spec, events)
-        events.done(JobStatus.COMPLETED)
-        return JobResult(job_id, JobStatus.COMPLETED, output_dir)
+            status = JobStatus.CANCELLED
+            events.done(status)
+            return JobResult(job_id, status, output_dir)
+        if world.is_main:
+            save(output_dir, recipe, spec, events)
+        status = JobStatus.COMPLETED
+        events.done(status)
+        return JobResult(job_id, status, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
         events.log(traceback.format_exc(), echo=False)   # for the log file; the caller prints the one-line reason
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:  # cleanup
+        if recipe is not None:
+            recipe.reporters.close(status)
         events.close()
         stop.uninstall()
 

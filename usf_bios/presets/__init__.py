@@ -29,8 +29,13 @@ class Preset:
     fields: dict[str, Any]   # the partial spec
 
     def apply(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The preset's fields with ``spec``'s on top (a field the spec sets wins, group by group)."""
-        return merge(self.fields, spec)
+        """The preset's fields with ``spec``'s on top (a field the spec sets wins, group by group; a spec's
+        ``datasets`` replaces a preset's ``dataset``, and the other way round)."""
+        merged = merge(self.fields, spec)
+        for given, other in (("datasets", "dataset"), ("dataset", "datasets")):
+            if given in spec and other not in spec:
+                merged.pop(other, None)
+        return merged
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

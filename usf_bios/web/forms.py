@@ -162,6 +162,8 @@ class JobForm:
 
 SECTION_TITLES = {"gpu_config": "Hardware"}
 PICKED = ("base_model", "dataset")   # chosen from the registered models and datasets, not typed
+# given in a YAML or JSON spec (CLI, REST), not in the form yet: a mixture of datasets, the metric tools
+NOT_IN_FORM = ("datasets", "report_to")
 
 
 def _group(name: str) -> type[BaseModel] | None:
@@ -172,7 +174,7 @@ def _group(name: str) -> type[BaseModel] | None:
 def job_form() -> JobForm:
     hyper = {name: _field(f"hyperparameters.{name}", info) for name, info in Hyperparameters.model_fields.items()}
     top = {name: _field(name, info) for name, info in JobSpec.model_fields.items()
-           if name not in PICKED and _group(name) is None}
+           if name not in PICKED + NOT_IN_FORM and _group(name) is None}
     groups = [name for name in JobSpec.model_fields if name != "hyperparameters" and _group(name) is not None]
     groups.sort(key=lambda name: name != "gpu_config")
     sections = []

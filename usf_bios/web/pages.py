@@ -61,7 +61,9 @@ def dataset(request: Request, ref: str) -> HTMLResponse:
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request) -> HTMLResponse:
-    return render_page(request, "models.html", "models", "Models")
+    hub = "huggingface" in request.app.state.settings.supported_model_sources
+    return render_page(request, "models.html", "models", "Models", hub_enabled=hub,
+                       sources=",".join(request.app.state.settings.supported_model_sources))
 
 
 @router.get("/compare", response_class=HTMLResponse)

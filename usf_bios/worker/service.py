@@ -87,8 +87,8 @@ class WorkerService:
             spec = submit_spec(request)
         except SpecError as err:
             field, _, reason = err.problems[0].partition(": ")
-            raise Invalid(field.replace("base_model", "hyperparameters.base_model", 1) if field == "base_model"
-                          else field, reason or err.problems[0]) from None
+            # the contract carries base_model inside hyperparameters
+            raise Invalid("hyperparameters.base_model" if field == "base_model" else field, reason or err.problems[0]) from None
         if spec.trust_remote_code and not self.settings.worker_trust_remote_code:
             raise Invalid("trust_remote_code", "this worker does not run a model's own code "
                                                "(USF_WORKER_TRUST_REMOTE_CODE is off)")

@@ -46,9 +46,21 @@ async def estimate(spec: JobSpec, request: Request, caller: CurrentCaller, sessi
     `device` names the device the figures assume; `warning` what a submit of the spec would be refused for on this
     server (a GPU asked for on a host without one), while the estimate still answers."""
     model, dataset = await run_in_threadpool(lambda: jobs.resolve_references(session=session, caller=caller, spec=spec))
-    pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
-    lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
-    return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings, request.app.state.scheduler.executors)
+    executors = request.app.state.scheduler.executors
+    if spec.datasets is None:
+        pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
+        lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
+        return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings, None, None, executors)
+    mixture = await run_in_threadpool(lambda: jobs.resolve_datasets(session=session, caller=caller, spec=spec))
+    all_lengths: list[int] = []
+    sources: list[int] = []
+    for index, (entry, _weight) in enumerate(mixture):
+        pending = await run_in_threadpool(token_lengths_future, entry, model, spec.dataset_format)
+        part = await asyncio.wrap_future(pending)
+        all_lengths += list(part)
+        sources += [index] * len(part)
+    weights = [weight for _, weight in mixture]
+    return await run_in_threadpool(jobs.estimate, spec, model, all_lengths, settings, sources, weights, executors)
 
 
 @router.get("/jobs", response_model=JobsPublic)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
-from usf_bios.api.deps import CurrentCaller, LayoutDep, SessionDep, SettingsDep
+from usf_bios.api.deps import AdminCaller, CurrentCaller, LayoutDep, SessionDep, SettingsDep
 from usf_bios.control import models
-from usf_bios.control.schemas import ModelCreate, ModelPublic, ScanResult
+from usf_bios.control.schemas import ModelCreate, ModelPublic, PullCreate, PullPublic, ScanResult
 
 router = APIRouter(tags=["models"])
 
@@ -21,6 +21,23 @@ def create(body: ModelCreate, caller: CurrentCaller, session: SessionDep, layout
 @router.post("/models/scan", response_model=ScanResult)
 def scan(caller: CurrentCaller, session: SessionDep, layout: LayoutDep, settings: SettingsDep) -> ScanResult:
     return models.scan_models(session=session, caller=caller, layout=layout, settings=settings)
+
+
+@router.post("/models/pull", status_code=status.HTTP_202_ACCEPTED, response_model=PullPublic)
+def pull(body: PullCreate, request: Request, caller: AdminCaller) -> PullPublic:
+    """Download a model from the Hugging Face Hub into the hub cache (admin; `huggingface` in
+    SUPPORTED_MODEL_SOURCES): config, tokenizer and weights, safetensors preferred; HF_TOKEN and HF_ENDPOINT of the
+    server. Registered once complete; follow it with GET /models/pulls/{id}. The same repo and revision under way
+    answers with that pull."""
+    pulls = request.app.state.pulls
+    return pulls.public(pulls.start(caller, body))
+
+
+@router.get("/models/pulls/{pull_id}", response_model=PullPublic)
+def pull_status(pull_id: str, request: Request, caller: CurrentCaller) -> PullPublic:
+    """A pull's progress: bytes in the cache of the total, then the registered model (or the error)."""
+    pulls = request.app.state.pulls
+    return pulls.public(pulls.get(caller, pull_id))
 
 
 @router.get("/models", response_model=list[ModelPublic])

@@ -104,10 +104,14 @@ class LocalExecutor:
         if not kill and ref.pid in self._stopping:
             return
         self._stopping.add(ref.pid)
+        sig = signal.SIGKILL if kill else signal.SIGTERM
         try:
-            os.killpg(ref.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+            os.killpg(ref.pid, sig)
+        except ProcessLookupError:   # not a group leader: an adopted `usf-bios train` started inside a shell's group
+            try:
+                os.kill(ref.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def describe(self, handle: str | None) -> str:
         ref = ProcessRef.parse(handle) if handle else None

@@ -99,6 +99,9 @@ class RemoteExecutor:
                                                   else WorkerTransport(client))
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
+        if not settings.public_url:
+            log.warning("USF_PUBLIC_URL is unset: remote jobs get dataset URLs and callbacks at %s, which a worker "
+                        "on another host cannot reach", public_url(settings))
 
     def _kind(self) -> str:
         api = self.settings.remote_api
@@ -222,6 +225,8 @@ class RemoteExecutor:
 
     def _submit(self, job_id: str, job: RemoteJob) -> None:
         spec = locked_spec(job_id, self.layout)
+        if spec.dataset is None:   # submit_job refuses a mixture for a remote job; a hand-made job.yaml may not
+            raise RemoteRefused("a remote job takes one dataset (the worker contract sends one dataset_url)")
         dataset = Path(spec.dataset).resolve()
         if not dataset.is_relative_to(self.layout.datasets.resolve()):
             raise RemoteRefused(f"dataset {spec.dataset} is not a registered dataset; a remote job can only fetch those")

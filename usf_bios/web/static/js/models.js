@@ -88,3 +88,67 @@ document.getElementById("scan-models").addEventListener("click", async (event) =
     button.disabled = false;
   }
 });
+
+// Download from the Hugging Face Hub: start a pull, then show its bytes until the model is registered.
+const pullForm = document.getElementById("pull-form");
+const megabytes = (n) => `${(n / 1e6).toFixed(1)} MB`;
+
+async function followPull(pull) {
+  const bar = document.getElementById("pull-bar");
+  const text = document.getElementById("pull-text");
+  document.getElementById("pull-progress").hidden = false;
+  for (;;) {
+    bar.max = pull.total_bytes || 1;
+    bar.value = Math.min(pull.bytes_done, bar.max);
+    text.textContent = pull.total_bytes === null
+      ? `Asking the Hub about ${pull.repo_id}…`
+      : `${pull.repo_id}: ${megabytes(pull.bytes_done)} of ${megabytes(pull.total_bytes)} (${pull.files} files)`;
+    if (pull.status !== "running") return pull;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    pull = await api(`/models/pulls/${encodeURIComponent(pull.id)}`);
+  }
+}
+
+if (pullForm) {
+  pullForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const repo = document.getElementById("pull-repo");
+    const error = document.getElementById("pull-error");
+    const button = document.getElementById("pull-submit");
+    error.hidden = true;
+    for (const id of ["pull-repo", "pull-revision"]) {
+      document.getElementById(id).removeAttribute("aria-invalid");
+      document.getElementById(`${id}-error`).textContent = "";
+    }
+    const body = { repo_id: repo.value.trim(), revision: document.getElementById("pull-revision").value.trim() || "main" };
+    if (!body.repo_id) {
+      repo.setAttribute("aria-invalid", "true");
+      document.getElementById("pull-repo-error").textContent = "required";
+      return;
+    }
+    button.disabled = true;
+    try {
+      const pull = await followPull(await api("/models/pull", { method: "POST", json: body }));
+      if (pull.status === "completed") {
+        notify(`Downloaded and registered ${pull.model.name}: ${formatCount(pull.model.parameters)} parameters.`);
+        refresh();
+      } else {
+        error.textContent = pull.error;
+        error.hidden = false;
+      }
+    } catch (failure) {
+      const placed = (failure.errors || []).filter(({ field }) => ["repo_id", "revision"].includes(field));
+      for (const { field, message } of placed) {
+        const id = field === "repo_id" ? "pull-repo" : "pull-revision";
+        document.getElementById(id).setAttribute("aria-invalid", "true");
+        document.getElementById(`${id}-error`).textContent = message;
+      }
+      if (!placed.length) {
+        error.textContent = failure.message;
+        error.hidden = false;
+      }
+    } finally {
+      button.disabled = false;
+    }
+  });
+}

@@ -1,0 +1,83 @@
+"""DistributedDataParallel under torchrun, on the CPU with the gloo backend: two ranks train what one process
+trains on the same global batch — the same per-step losses (to 1e-5) and the same adapter (to 1e-6); only rank 0
+writes events, checkpoints and the output; a resume on another number of ranks is refused with a message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import chat_rows, event_dicts, write_jsonl
+from usf_bios.engine.jobdir import create_job
+from usf_bios.spec import JobSpec
+from usf_bios.storage import StorageLayout
+
+STEPS = 5
+
+
+def job(layout: StorageLayout, model: str, dataset: Path, name: str, accumulation: int, **hp) -> str:
+    spec = JobSpec.model_validate({
+        "name": name, "base_model": model, "dataset": str(dataset), "gpu_config": {"num_gpus": 0},
+        "hyperparameters": {"max_steps": STEPS, "batch_size": 2, "gradient_accumulation_steps": accumulation,
+                            "max_seq_length": 96, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                            "learning_rate": 3e-3, "precision": "fp32", "gradient_checkpointing": False,
+                            "val_split": 0.1, "eval_steps": 2, "save_steps": 2, **hp}})
+    return create_job(spec, layout)
+
+
+def run(job_id: str, ranks: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "USF_DIST_TIMEOUT_S": "120"}
+    engine = ["-m", "usf_bios.engine.run", job_id]
+    command = [sys.executable, *engine] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *engine]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(layout: StorageLayout, job_id: str) -> list[float]:
+    return [e["loss"] for e in event_dicts(layout.job_events(job_id)) if e["type"] == "metric"]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(layout, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
+    single = job(layout, tiny_model, data, "single", accumulation=4)
+    double = job(layout, tiny_model, data, "double", accumulation=2)   # 2 ranks × 2 = the same 4 micro-batches
+    for job_id, ranks in ((single, 1), (double, 2)):
+        done = run(job_id, ranks)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = losses(layout, single), losses(layout, double)
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    evals = [[e["validation_loss"] for e in event_dicts(layout.job_events(j)) if e["type"] == "eval"] for j in (single, double)]
+    assert evals[0] and max(abs(a - b) for a, b in zip(*evals)) < 1e-5
+    a = load_file(layout.job_output(single) / "adapter_model.safetensors")
+    b = load_file(layout.job_output(double) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    log = layout.job_log(double).read_text()
+    assert "rank 0 of 2 (DistributedDataParallel, gloo)" in log
+    # rank 1 wrote only its own log and events; the job's checkpoints and output are rank 0's, once
+    assert (layout.logs / f"{double}.rank1.log").is_file()
+    assert sorted(p.name for p in layout.job_checkpoints(double).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    import json
+
+    state = layout.job_checkpoints(double) / "checkpoint-4" / "trainer_state.json"
+    assert json.loads(state.read_text())["world_size"] == 2
+
+
+def test_a_resume_on_another_number_of_ranks_is_refused(layout, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    job_id = job(layout, tiny_model, data, "resumed", accumulation=1, max_steps=3)
+    first = run(job_id, 2)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    checkpoint = layout.job_checkpoints(job_id) / "checkpoint-2"
+    assert checkpoint.is_dir()
+    again = run(job_id, 1)   # continues from checkpoint-2, on one process
+    assert again.returncode == 1
+    done = [e for e in event_dicts(layout.job_events(job_id)) if e["type"] == "done"][-1]
+    assert done["status"] == "failed" and "saved by a job on 2 rank(s); this run has 1" in done["error"], done

@@ -1,0 +1,98 @@
+"""Data parallelism over several processes (``torchrun``): PyTorch's DistributedDataParallel, one process per GPU
+(or per CPU worker with the gloo backend).
+
+The launcher (torchrun) sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous; the engine reads them here. Every
+rank holds the whole dataset and the same seeded epoch order: an optimizer step takes
+``gradient_accumulation_steps × world size`` micro-batches, rank r computes every world-size-th of them, and
+each micro-batch's token-summed loss is divided by the whole step's trained tokens (known on every rank without
+talking), so the averaged gradient is the one a single process computes on the same global batch. Rank 0 alone
+writes events, checkpoints and the output; a stop request is agreed on by all ranks at each step, so every rank
+stops at the same one; every collective has a timeout (USF_DIST_TIMEOUT_S), so a rank that dies fails the others
+instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+@dataclass(frozen=True)
+class World:
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """The process's place among the job's ranks, as torchrun describes it (one rank when not launched by it)."""
+    return World(size=int(os.environ.get("WORLD_SIZE", "1")), rank=int(os.environ.get("RANK", "0")),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(world: World, device_type: str) -> None:
+    """Join the job's process group (NCCL on GPUs, gloo on the CPU), with the collectives' timeout."""
+    if not world.distributed or torch.distributed.is_initialized():
+        return
+    from usf_bios.settings import get_settings
+
+    timeout = timedelta(seconds=get_settings().dist_timeout_s)
+    torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+
+
+def stop() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum over ranks (in place), or the tensor itself with one rank."""
+    if world.distributed:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when it is true on any (a stop request, seen by one rank first)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        torch.distributed.barrier()
+
+
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module, so DDP's forward (which arms the gradient all-reduce) wraps the whole
+    computation — the chunked and fused losses call the decoder directly, past the model's own forward."""
+
+    def __init__(self, model: Any, loss_fn: Any):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+def wrap_ddp(model: Any, loss_fn: Any, world: World) -> torch.nn.Module:
+    """DDP over the model's trainable (LoRA) parameters; the frozen base is not synchronised (it never changes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(LossModule(model, loss_fn), device_ids=None, broadcast_buffers=False,
+                                   find_unused_parameters=False)
