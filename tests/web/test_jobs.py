@@ -32,6 +32,10 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator("#f-dataset option:checked")).to_have_text("chat")
     expect(page.locator("#f-name")).to_have_value("chat-lora")
     expect(page.locator("#estimate")).to_have_attribute("data-ready", "true")
+    # this host has no GPU: the form starts on the CPU, and the estimate says which device it assumes
+    expect(page.locator("#f-gpu-config-num-gpus")).to_have_value("0")
+    expect(page.locator("#est-device")).to_have_text("the CPU")
+    expect(page.locator("#est-warning")).to_be_empty()
 
     # every field has its help text and the spec's bounds
     rank = page.locator('[data-path="hyperparameters.lora_r"]')
@@ -43,6 +47,10 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     page.check("#preset-any_lora-quick")
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_value("8")
     expect(page.locator("#f-hyperparameters-num-epochs")).to_have_value("1")
+    # the fields a preset set are marked and named; a field it leaves alone is not marked
+    expect(page.locator('[data-path="hyperparameters.lora_r"]')).to_have_attribute("data-preset", "any_lora-quick")
+    expect(page.locator('[data-path="hyperparameters.seed"]')).not_to_have_attribute("data-preset", re.compile(".*"))
+    expect(page.locator("#preset-summary")).to_contain_text(re.compile(r"Sets [a-z_, ]*lora_r"))
     page.check("#preset-any_lora-thorough")
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_value("32")
     expect(page.locator("#preset-summary")).to_contain_text("Five epochs")
@@ -59,6 +67,10 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator("#est-vram")).to_have_text("— (CPU)")
     page.fill("#f-gpu-config-num-gpus", "1")
     expect(page.locator("#est-vram")).to_have_text(re.compile(r"^\d+\.\d\d GB$"))
+    # a GPU on this GPU-less host: estimated (for planning) on the device it names, refused beside the field
+    expect(page.locator("#est-device")).to_have_text("1 × GPU of type 'any', sized as an H100 80GB")
+    expect(page.locator("#est-warning")).to_contain_text("A submit would be refused here: gpu_config.num_gpus")
+    expect(page.locator("#f-gpu-config-num-gpus-error")).to_have_text("this server has no GPU; set 0 to train on the CPU")
     expect(page.locator("#est-cost")).to_have_text(re.compile(r"^(\$\d+\.\d\d|< \$0\.01) at \$2\.5/GPU-h$"))
     with page.expect_request(lambda r: r.url.endswith("/api/jobs/estimate")
                              and r.post_data_json["hyperparameters"]["quantization"] == "4bit"):
@@ -72,6 +84,7 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator("#f-hyperparameters-lora-r-error")).to_have_text("must be ≥ 1")
     expect(page.locator("#f-hyperparameters-lora-r")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#estimate-state")).to_contain_text("Fix the highlighted fields")
+    expect(page.locator("#estimate")).to_have_class(re.compile(r"\bstale\b"))   # the figures shown no longer apply
     page.fill("#f-name", "has space")
     expect(page.locator("#f-name-error")).to_contain_text("letters, digits")
     sent = []
@@ -84,6 +97,7 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     page.fill("#f-hyperparameters-lora-r", "4")
     page.fill("#f-name", "from-the-form")
     expect(page.locator("#f-hyperparameters-lora-r-error")).to_be_empty()
+    expect(page.locator("#estimate")).not_to_have_class(re.compile(r"\bstale\b"))   # a new estimate came
 
     # a field in "All hyperparameters" opens the section when it is at fault
     page.fill("#f-hyperparameters-max-seq-length", "128")

@@ -56,6 +56,9 @@ class FakeJob:
             route.fulfill(json=[])
         elif path == "/logs":
             route.fulfill(content_type="text/plain", body="step 1/130 loss 1.0\n")
+        elif path == "/placement":     # the job page's "where it runs" line
+            route.fulfill(json={"executor": "local", "where": "local process 4242", "remote_status": None,
+                                "remote_stage": None, "remote_job_id": None})
         else:
             route.fulfill(status=404, json={"detail": "not faked"})
 

@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
+from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
@@ -113,7 +114,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         app.state.scheduler.stop()
         app.state.db.engine.dispose()
 
-    app = FastAPI(title="USF BIOS", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="USF BIOS", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hostable LoRA / QLoRA fine-tuning: datasets, models, jobs, live metrics.")
     app.state.settings = settings
     app.state.layout = StorageLayout.from_settings(settings)
@@ -153,6 +154,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     app.include_router(exports.router, prefix="/api")
     for module in (openai_inference, openai_finetune):   # the OpenAI-compatible surface (docs/inference.md)
         app.include_router(module.router, prefix="/v1")
+    mount_docs(app)   # /docs and /redoc with their assets from a wheel, no CDN
     mount_web(app)
     return app
 

@@ -34,7 +34,7 @@ class UploadRejected(Exception):
 
 
 def too_large(max_bytes: int) -> UploadRejected:
-    return UploadRejected(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    return UploadRejected(413,
                           f"the upload is larger than the limit of {max_bytes / 2**20:g} MiB (USF_MAX_UPLOAD_MB)")
 
 
@@ -161,7 +161,7 @@ async def receive_multipart(request: Request, folder: Path, max_bytes: int, file
         if not receiver.ended:
             raise UploadRejected(status.HTTP_400_BAD_REQUEST, "the multipart body ended before its closing boundary")
         if receiver.filename is None:
-            raise UploadRejected(status.HTTP_422_UNPROCESSABLE_ENTITY, f"no {file_field!r} part with a file in the form")
+            raise UploadRejected(422, f"no {file_field!r} part with a file in the form")
     except FormParserError as exc:
         receiver.discard()
         raise UploadRejected(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from None

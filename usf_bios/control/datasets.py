@@ -23,7 +23,7 @@ from usf_bios.control.keys import Caller, find_owned, get_owned, name_taken
 from usf_bios.control.schemas import (DatasetDetail, DatasetPublic, LengthBucket, ModelRef, PreviewExample,
                                      PreviewMessage, TokenStatsPublic)
 from usf_bios.control.tables import DatasetEntry, Job, ModelEntry, new_id
-from usf_bios.control.token_lengths import TokenLengthsError, token_lengths_for
+from usf_bios.control.token_lengths import TokenLengthsError, template_system_prompt_for, token_lengths_for
 from usf_bios.datasets.formats import FORMATS, DatasetError, load_dataset, to_example
 from usf_bios.datasets.readers import SUPPORTED_SUFFIXES, read_records
 from usf_bios.storage import StorageLayout, confine, safe_filename
@@ -183,6 +183,7 @@ def dataset_detail(*, session: Session, caller: Caller, entry: DatasetEntry, mod
         return detail
     detail.token_stats = TokenStatsPublic.model_validate(stats_from_lengths(lengths, max_seq_length))
     detail.length_histogram = length_histogram(lengths)
+    detail.template_system_prompt = template_system_prompt_for(model)
     return detail
 
 
@@ -193,7 +194,7 @@ def preview_examples(*, entry: DatasetEntry, limit: int) -> list[PreviewExample]
         for line, record in read_records(Path(entry.path)):
             example = to_example(record, entry.format, line)
             out.append(PreviewExample(line=line, messages=[PreviewMessage(role=m.role, content=m.content)
-                                                           for m in example.messages]))
+                                                           for m in example.messages], templated=example.templated))
             if len(out) >= limit:
                 break
     except (DatasetError, ValueError) as exc:   # the file changed on disk after it was registered

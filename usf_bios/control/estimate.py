@@ -169,11 +169,17 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         seconds = trained * 4 * parameters / rate
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
                        "(our engine's MFU measured on the H200 by usf-bios bench)")
+    if gpus.num_gpus == 0:
+        device = "the CPU"
+    else:
+        known = next((key for key in PEAK_TFLOPS if key.lower() in gpu_type.lower()), None)
+        device = (f"{gpus.num_gpus} × {gpu_type}" if known else
+                  f"{gpus.num_gpus} × GPU of type {gpu_type!r}, sized as an H100 80GB")
     price = prices.get(gpu_type, prices.get("any", 0.0)) if gpus.num_gpus else prices.get("cpu", 0.0)
     return EstimatePublic(
         examples=len(token_lengths), tokens_per_epoch=tokens_per_epoch, rows_per_epoch=rows, steps=steps,
         trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,
         cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 6), price_per_gpu_hour=price, gpu_type=gpu_type,
-        assumptions=assumptions,
+        assumptions=assumptions, device=device,
     )

@@ -3,12 +3,13 @@ points, checkpoints, log, the finished adapter). No HTTP here: failures are doma
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from usf_bios.control import lifecycle
@@ -22,30 +23,41 @@ from usf_bios.control.schemas import (ArtifactRef, CheckpointPublic, EstimatePub
 from usf_bios.control.tables import Artifact, DatasetEntry, Job, MetricPoint, ModelEntry
 from usf_bios.engine.checkpoint import list_checkpoints, read_state
 from usf_bios.engine.jobdir import create_job
-from usf_bios.engine.model import device_problems
+from usf_bios.control.executors.base import Executor, Resources
+from usf_bios.engine.preflight import device_faults
 from usf_bios.engine.reporters import ReporterError, check_reporters
 from usf_bios.settings import Settings
 from usf_bios.spec import DatasetRef, JobSpec
 from usf_bios.models.inspect import folder_size
-from usf_bios.storage import StorageLayout
+from usf_bios.storage import StorageLayout, confine
 
 MAX_LIST = 500
 
 
-def check_request(caller: Caller, spec: JobSpec) -> None:
+def check_request(caller: Caller, spec: JobSpec, offered: Resources | None = None, *, local: bool = False) -> None:
     """What a submit and an estimate refuse before anything runs: ``trust_remote_code`` from a non-admin key
-    (the model's own Python code would run in the engine with the server's rights), what the engine would
-    refuse on any machine (``device_problems``: the first, as Invalid naming its field), and a ``report_to`` tool
-    not installed or not configured here."""
+    (the model's own Python code would run in the engine with the server's rights), the device rules
+    (``engine.preflight.device_faults``: what the engine refuses on any machine; with ``offered``, the executor's
+    resources, also more GPUs than it has, and a quantized model without bitsandbytes where it runs here; the
+    first, as Invalid naming its field), and a ``report_to`` tool not installed or not configured here."""
     if spec.trust_remote_code and not caller.is_admin:
         raise Forbidden("trust_remote_code: only an admin key may set trust_remote_code: true (it runs the model's "
                         "own Python code in the engine)")
-    if problems := device_problems(spec):
+    if problems := device_faults(spec, None if offered is None else offered.gpus, local=local):
         raise Invalid(*problems[0])
     try:
         check_reporters(spec)   # report_to: each tool's package installed and configured on this server
     except ReporterError as err:
         raise Invalid("report_to", str(err).removeprefix("report_to: ")) from None
+
+
+def executor_resources(spec: JobSpec, settings: Settings, executors: Mapping[str, Executor]) -> tuple[Resources, bool]:
+    """The resources of the executor the job would run on, and whether that is this host (local); Invalid when the
+    server has no such executor (the scheduler would fail the job)."""
+    name = executor_for(spec, settings)
+    if name not in executors:
+        raise Invalid("gpu_config.executor", f"this server has no {name!r} executor (it has: {', '.join(executors)})")
+    return executors[name].resources(), name == "local"
 
 
 def resolve_references(*, session: Session, caller: Caller, spec: JobSpec) -> tuple[ModelEntry, DatasetEntry]:
@@ -78,13 +90,18 @@ def executor_for(spec: JobSpec, settings: Settings) -> str:
     return settings.executor if spec.gpu_config.executor == "default" else spec.gpu_config.executor
 
 
-def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec) -> Job:
-    """Lock the spec (with the model folder and dataset file it resolves to) and queue the job."""
-    model, dataset = resolve_references(session=session, caller=caller, spec=spec)
+def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, settings: Settings, spec: JobSpec,
+               executors: Mapping[str, Executor] | None = None) -> Job:
+    """Lock the spec (with the model folder and dataset file it resolves to) and queue the job. With
+    ``executors`` (the scheduler's), what they could not run is refused first, as the scheduler would."""
     executor = executor_for(spec, settings)
     if executor == "remote" and not (settings.gpu_cluster_api_url and settings.gpu_cluster_api_key):
         raise Invalid("gpu_config.executor", "this server has no remote worker (set GPU_CLUSTER_API_URL and "
                                              "GPU_CLUSTER_API_KEY)")
+    if executors is not None:
+        offered, local = executor_resources(spec, settings, executors)
+        check_request(caller, spec, offered, local=local)
+    model, dataset = resolve_references(session=session, caller=caller, spec=spec)
     if executor == "remote" and spec.datasets is not None:
         raise Invalid("datasets", "a remote job takes one dataset (the worker contract sends one dataset_url); "
                                   "give dataset, or run the mixture on the local executor")
@@ -117,8 +134,9 @@ def job_public(session: Session, job: Job, artifact: Artifact | None = None) -> 
     if artifact is None and job.status == JobStatus.COMPLETED.value:
         artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
     return JobPublic.model_validate({
-        **{name: getattr(job, name) for name in JobPublic.model_fields if name not in ("spec", "artifact", "metrics")},
-        "metrics": job.metrics or {}, "spec": job.request,
+        **{name: getattr(job, name) for name in JobPublic.model_fields
+           if name not in ("spec", "artifact", "metrics", "resumable")},
+        "metrics": job.metrics or {}, "spec": job.request, "resumable": can_resume(job),
         "artifact": ArtifactRef.model_validate(artifact) if artifact else None,
     })
 
@@ -177,6 +195,29 @@ def resume_job(*, session: Session, job: Job) -> None:
     _transition(session, job, "resume")
 
 
+def delete_job(*, session: Session, layout: StorageLayout, job: Job) -> None:
+    """A final job's row, its metric points and artifact, and its files (output folder, checkpoints, log, events);
+    Conflict while it is not final (cancel it first)."""
+    if not JobStatus(job.status).is_terminal:
+        raise Conflict(f"job {job.id} is {job.status}; cancel it first, then delete it")
+    session.execute(delete(MetricPoint).where(MetricPoint.job_id == job.id))
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id))
+    session.delete(job)
+    session.commit()
+    for folder in (layout.job_output(job.id), layout.job_checkpoints(job.id)):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in (layout.job_log(job.id), layout.job_events(job.id), confine(layout.logs, f"{job.id}.out")):
+        path.unlink(missing_ok=True)
+
+
+def can_resume(job: Job) -> bool:
+    """Whether resuming can help: a cancelled or interrupted job, or a failed one that got as far as training
+    (a failure before it — a model, dataset or device the locked spec cannot use — would only repeat)."""
+    if JobStatus.QUEUED not in lifecycle.ALLOWED[JobStatus(job.status)]:
+        return False
+    return job.status != JobStatus.FAILED.value or bool(job.total_steps)
+
+
 def job_metrics(*, session: Session, job: Job) -> list[MetricPointPublic]:
     points = session.scalars(select(MetricPoint).where(MetricPoint.job_id == job.id).order_by(MetricPoint.step))
     return [MetricPointPublic.model_validate(p) for p in points]
@@ -219,18 +260,30 @@ def download_replacements(*, layout: StorageLayout, job: Job) -> dict[str, bytes
 
 
 def estimate(spec: JobSpec, model: ModelEntry, lengths: list[int] | memoryview, settings: Settings,
-             sources: list[int] | None = None, weights: list[float] | None = None) -> EstimatePublic:
+             sources: list[int] | None = None, weights: list[float] | None = None,
+             executors: Mapping[str, Executor] | None = None) -> EstimatePublic:
     """The job's estimate from its dataset's token lengths (a weighted mixture's: with each example's dataset in
     ``sources`` and the datasets' ``weights``); Invalid where the model's config cannot be read or the engine would
-    refuse the speed switches."""
+    refuse the speed switches. With ``executors``, ``warning`` says what a submit would be refused for here (the
+    estimate itself still answers: a spec may be planned for other hardware)."""
     import json
 
     from usf_bios.control.estimate import estimate_job
     from usf_bios.engine.plan import SpeedPlanError
 
+    warning = None
+    if executors is not None:
+        try:
+            offered, local = executor_resources(spec, settings, executors)
+            faults = device_faults(spec, offered.gpus, local=local)
+        except Invalid as refused:
+            faults = [(refused.field, refused.reason)]
+        if faults:
+            warning = "a submit would be refused here: {}: {}".format(*faults[0])
     try:
-        return estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices, sources,
-                            weights)
+        answer = estimate_job(spec, lengths, Path(model.path), model.parameters or 0, settings.gpu_prices, sources,
+                              weights)
+        return answer.model_copy(update={"warning": warning})
     except (OSError, json.JSONDecodeError) as exc:
         raise Invalid("base_model", f"model {model.name!r}: cannot read its config.json ({exc})") from None
     except SpeedPlanError as exc:

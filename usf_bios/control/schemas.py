@@ -124,6 +124,9 @@ class DatasetDetail(DatasetPublic):
     token_stats_model: ModelRef | None = None
     token_stats_error: str | None = None
     length_histogram: list[LengthBucket] | None = None
+    template_system_prompt: str | None = Field(None, description=(
+        "The system message token_stats_model's chat template adds to a conversation that has none (it is in the "
+        "token counts, and in training); null when it adds none."))
 
 
 class PreviewMessage(_Out):
@@ -134,6 +137,8 @@ class PreviewMessage(_Out):
 class PreviewExample(_Out):
     line: int
     messages: list[PreviewMessage]
+    templated: bool = Field(True, description="Rendered with the model's chat template (false: the text format, "
+                                              "plain text without a template).")
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -265,6 +270,8 @@ class JobPublic(_Out):
     executor: str = Field(description="Where the job runs: the executor that started it (local).")
     spec: dict[str, Any] = Field(description="The job spec as it was submitted.")
     artifact: ArtifactRef | None
+    resumable: bool = Field(description="Whether resuming can help: cancelled or interrupted, or failed after "
+                                        "training began (a failure before it would repeat with the same spec).")
 
 
 class JobsPublic(_Out):
@@ -324,6 +331,9 @@ class EstimatePublic(_Out):
     price_per_gpu_hour: float
     gpu_type: str
     assumptions: str
+    device: str = Field(description="The device the figures assume: 'the CPU', '1 × H100', …")
+    warning: str | None = Field(None, description="What a submit of this spec would be refused for on this server "
+                                                  "(e.g. a GPU asked for on a host without one); null when none.")
 
 
 # --- presets --------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ engine, when the job runs.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import threading
 from array import array
@@ -161,3 +163,27 @@ def _tokenize(source: _Source, fmt: str, requested_format: str) -> array:
                                     "the engine, when the job runs") from None
         raise TokenLengthsError("base_model", f"model {source.model_name!r} cannot tokenize {source.label}: "
                                 f"{str(exc) or type(exc).__name__}") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _template_system_prompt(model_path: str, source: str, stamp: float) -> str | None:
+    from usf_bios.engine.data import template_system_prompt
+    from usf_bios.engine.model import load_tokenizer
+    from usf_bios.models.sources import ResolvedModel
+
+    try:
+        return template_system_prompt(load_tokenizer(ResolvedModel(model_path, Path(model_path), source),
+                                                     trust_remote_code=False))
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot load has its error on the token stats already
+        return None
+
+
+def template_system_prompt_for(model: ModelEntry) -> str | None:
+    """The system prompt the model's chat template adds to a conversation without one (None when it adds none,
+    or when its tokenizer needs the model's own code, which the server never runs). Cached per tokenizer file."""
+    folder = Path(model.path)
+    if _needs_own_code(folder):
+        return None
+    files = [folder / name for name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")]
+    stamp = max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+    return _template_system_prompt(str(folder), model.source, stamp)

@@ -128,6 +128,41 @@ def _deeper_than(value: object, limit: int) -> bool:
     return False
 
 
+def _where(text: str, pos: int, here: int) -> str:
+    """'column 7', or 'line 3, column 7' when ``pos`` lies on another line of ``text`` than ``here``."""
+    line, column = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+    return f"column {column}" if line == text.count("\n", 0, here) + 1 else f"line {line}, column {column}"
+
+
+def _json_fault(text: str, exc: json.JSONDecodeError) -> str:
+    """What is wrong where ``json`` stopped, pointing at the real fault when it can be told: the text ends with a
+    bracket still open (the column of that bracket), a comma before a closing bracket (the comma's column), a
+    bracket closed by the other kind (both columns). Otherwise json's own message and column."""
+    pos, opened, in_string, escaped = exc.pos, [], False, False
+    for i, char in enumerate(text[:pos]):
+        if in_string:
+            escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            opened.append(i)
+        elif char in "]}" and opened:
+            opened.pop()
+    rest = text[pos:].strip()
+    if not rest and opened and not in_string:
+        start = opened[-1]
+        end = max(len(text.rstrip()) - 1, 0)      # the last character, not the line break after it
+        return f"the text ends before the '{text[start]}' opened at {_where(text, start, end)} is closed"
+    if rest[:1] in ("]", "}"):
+        before = text[:pos].rstrip()
+        if before.endswith(","):
+            return f"a trailing comma at {_where(text, len(before) - 1, pos)}, before '{rest[0]}'"
+        if opened and {"[": "]", "{": "}"}[text[opened[-1]]] != rest[0]:
+            return (f"'{rest[0]}' at column {exc.colno} closes the '{text[opened[-1]]}' opened at "
+                    f"{_where(text, opened[-1], pos)}")
+    return f"{exc.msg} (column {exc.colno})"
+
+
 def _parse_json(path: Path, text: str, line: int | None, what: str = "JSON") -> object:
     """``json.loads`` that raises only DatasetError, at ``line`` (or, when None, the line of the fault in ``text``).
 
@@ -138,7 +173,7 @@ def _parse_json(path: Path, text: str, line: int | None, what: str = "JSON") -> 
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(path, f"malformed {what}: {exc.msg} (column {exc.colno})",
+        raise DatasetError(path, f"malformed {what}: {_json_fault(text, exc)}",
                            exc.lineno if line is None else line) from None
     except RecursionError:
         value = None

@@ -47,6 +47,28 @@ def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool
     return tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
+_SENTINEL = "usf-bios-system-sentinel"
+
+
+def template_system_prompt(tokenizer: Any) -> str | None:
+    """The system message the chat template adds to a conversation that has none (SmolLM2's "You are a helpful
+    AI assistant named SmolLM, …"): the template rendered with a marked system message and without one, the
+    text that stands where the mark stood. None when the template adds none (or cannot take a system message).
+    Training renders the same template, so such a prompt is in every example's tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": "hello"}]
+    try:
+        bare = tokenizer.apply_chat_template(user, tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": _SENTINEL}, *user], tokenize=False)
+    except Exception:  # noqa: BLE001 - templates raise their own errors on roles they refuse
+        return None
+    head, found, tail = marked.partition(_SENTINEL)
+    if not found or len(bare) < len(head) + len(tail) or not bare.startswith(head) or not bare.endswith(tail):
+        return None
+    return bare[len(head):len(bare) - len(tail)].strip() or None
+
+
 def assistant_spans(tokenizer: Any, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (end-of-turn included).
 

@@ -167,10 +167,11 @@ class EventLog:
             sink(event)
         return event
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, echo: bool = True) -> None:
+        """A line of the job's log, echoed to stdout when the log echoes (``echo=False``: the log file only)."""
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         self._log.write(line + "\n")
-        if self._echo:
+        if self._echo and echo:
             print(line, flush=True)
 
     def stage(self, stage: Stage, total_steps: int | None = None) -> None:

@@ -86,7 +86,7 @@ def choose_placement(spec: JobSpec, world: World | None = None) -> Placement:
     return Placement(device, precision)
 
 
-def _needs_remote_code(config: dict) -> bool:
+def needs_remote_code(config: dict) -> bool:
     from transformers import CONFIG_MAPPING
 
     return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
@@ -114,7 +114,7 @@ def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, c
     """The frozen base model on its device; ``config`` is what ``check_model_folder`` returned."""
     from transformers import AutoModelForCausalLM
 
-    if _needs_remote_code(config) and not spec.trust_remote_code:
+    if needs_remote_code(config) and not spec.trust_remote_code:
         raise ModelLoadError(f"{model.name} ships its own model code ({config.get('model_type')}); set "
                              "trust_remote_code: true in the spec if you trust it")
     safetensors, _ = weight_files(model.path)

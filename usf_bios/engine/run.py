@@ -276,7 +276,7 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, world: World, *, sho
         return JobResult(job_id, status, output_dir)
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
-        events.log(traceback.format_exc())
+        events.log(traceback.format_exc(), echo=False)   # for the log file; the caller prints the one-line reason
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:  # cleanup

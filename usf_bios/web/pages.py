@@ -28,9 +28,20 @@ def jobs(request: Request) -> HTMLResponse:
 
 
 @router.get("/jobs/new", response_class=HTMLResponse)
-def new_job(request: Request, model: str = "", dataset: str = "") -> HTMLResponse:
+def new_job(request: Request, model: str = "", dataset: str = "",
+            from_job: Annotated[str, Query(alias="from")] = "") -> HTMLResponse:
+    """``?from=JOB_ID``: Edit & rerun, the form prefilled from that job's spec (the browser loads it with its key).
+    The GPU field starts at what the server's executor has (0 on a host without a GPU)."""
     return render_page(request, "new_job.html", "jobs", "New job", form=job_form(), presets=form_presets(),
-                       default_preset=DEFAULT_PRESET, chosen={"model": model, "dataset": dataset})
+                       default_preset=DEFAULT_PRESET, chosen={"model": model, "dataset": dataset}, from_job=from_job,
+                       host_gpus=host_gpus(request))
+
+
+def host_gpus(request: Request) -> int:
+    """The GPUs of the executor a job of the form runs on (the server's default one)."""
+    executors = request.app.state.scheduler.executors
+    executor = executors.get(request.app.state.settings.executor)
+    return executor.resources().gpus if executor is not None else 0
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)

@@ -1,4 +1,4 @@
-"""Jobs: create, estimate, list, inspect, cancel, resume, metrics, logs, checkpoints, download, live events."""
+"""Jobs: create, estimate, list, inspect, cancel, resume, delete, metrics, logs, checkpoints, download, live events."""
 
 from __future__ import annotations
 
@@ -29,21 +29,28 @@ INVALID = {422: {"description": 'an invalid spec, or a model or dataset that can
 @router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=INVALID)
 def create(spec: JobSpec, request: Request, caller: CurrentCaller, session: SessionDep, layout: LayoutDep,
            settings: SettingsDep) -> JobPublic:
-    """Queue a job. `base_model` and `dataset` name a registered model and dataset (id or name)."""
-    job = jobs.submit_job(session=session, caller=caller, layout=layout, settings=settings, spec=spec)
+    """Queue a job. `base_model` and `dataset` name a registered model and dataset (id or name). Refused with a
+    422 naming the field, before anything is queued, when the executor could not run it (more GPUs than it has, a
+    quantized model without a GPU or without bitsandbytes)."""
+    job = jobs.submit_job(session=session, caller=caller, layout=layout, settings=settings, spec=spec,
+                          executors=request.app.state.scheduler.executors)
     request.app.state.scheduler.wake()
     return jobs.job_public(session, job)
 
 
 @router.post("/jobs/estimate", response_model=EstimatePublic, responses=INVALID)
-async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, settings: SettingsDep) -> EstimatePublic:
+async def estimate(spec: JobSpec, request: Request, caller: CurrentCaller, session: SessionDep,
+                   settings: SettingsDep) -> EstimatePublic:
     """Tokens, steps, time, peak GPU memory and cost, before anything runs. The dataset's token lengths are
-    computed once per (dataset file, model, format) and shared with the dataset stats (control/token_lengths.py)."""
+    computed once per (dataset file, model, format) and shared with the dataset stats (control/token_lengths.py).
+    `device` names the device the figures assume; `warning` what a submit of the spec would be refused for on this
+    server (a GPU asked for on a host without one), while the estimate still answers."""
     model, dataset = await run_in_threadpool(lambda: jobs.resolve_references(session=session, caller=caller, spec=spec))
+    executors = request.app.state.scheduler.executors
     if spec.datasets is None:
         pending = await run_in_threadpool(token_lengths_future, dataset, model, spec.dataset_format)
         lengths = await asyncio.wrap_future(pending)   # waits without holding a thread
-        return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings)
+        return await run_in_threadpool(jobs.estimate, spec, model, lengths, settings, None, None, executors)
     mixture = await run_in_threadpool(lambda: jobs.resolve_datasets(session=session, caller=caller, spec=spec))
     all_lengths: list[int] = []
     sources: list[int] = []
@@ -53,7 +60,7 @@ async def estimate(spec: JobSpec, caller: CurrentCaller, session: SessionDep, se
         all_lengths += list(part)
         sources += [index] * len(part)
     weights = [weight for _, weight in mixture]
-    return await run_in_threadpool(jobs.estimate, spec, model, all_lengths, settings, sources, weights)
+    return await run_in_threadpool(jobs.estimate, spec, model, all_lengths, settings, sources, weights, executors)
 
 
 @router.get("/jobs", response_model=JobsPublic)
@@ -91,6 +98,14 @@ def resume(job_id: str, request: Request, caller: CurrentCaller, session: Sessio
     jobs.resume_job(session=session, job=job)
     request.app.state.scheduler.wake()
     return jobs.job_public(session, job)
+
+
+@router.delete("/jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={409: {"description": "the job is not final: cancel it first"}})
+def delete(job_id: str, caller: CurrentCaller, session: SessionDep, layout: LayoutDep) -> None:
+    """A final job (completed, failed, cancelled): its row, metric points, artifact and files (adapter,
+    checkpoints, log). 409 while it is queued or running."""
+    jobs.delete_job(session=session, layout=layout, job=jobs.get_job(session=session, caller=caller, job_id=job_id))
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=list[MetricPointPublic])

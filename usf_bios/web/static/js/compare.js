@@ -1,5 +1,7 @@
 // Compare runs: pick jobs, overlay their loss (and validation-loss) curves, and lay their settings side
 // by side with the rows that differ highlighted. The choice lives in the URL (?jobs=a&jobs=b).
+// The model and dataset show by name (the form submits their ids); a job whose settings hold every field of
+// a preset is shown as matching it, and the cells that preset sets carry a "preset" tag.
 
 import { api, el, formatDuration, formatNumber, secondsBetween, statusIn } from "./app.js";
 import { lineChart, PALETTE } from "./charts.js";
@@ -14,6 +16,8 @@ const onlyDiff = document.getElementById("only-diff");
 const runs = new Map();          // job id → {job, metrics}
 let chosen = JSON.parse(root.dataset.chosen);
 let chart = null;
+let names = { models: new Map(), datasets: new Map() };   // id → name, of what this key can see
+let presets = [];                                          // [{name, label, fields: {path: value}}]
 
 const GROUP_TITLES = { job: "Job", hyperparameters: "Hyperparameters", gpu_config: "Hardware", performance: "Performance" };
 const colorOf = (id) => PALETTE[chosen.indexOf(id) % PALETTE.length];
@@ -112,6 +116,33 @@ function flatten(value, prefix = "", out = {}) {
   return out;
 }
 
+/** The preset with the most fields whose every field the job's settings hold (null when none does). */
+function matchingPreset(settings) {
+  let best = null;
+  for (const preset of presets) {
+    const fields = Object.entries(preset.fields);
+    if (!fields.length || !fields.every(([path, value]) => JSON.stringify(settings[path] ?? null)
+      === JSON.stringify(Array.isArray(value) ? value.join(", ") : value))) continue;
+    if (!best || fields.length > Object.keys(best.fields).length) best = preset;
+  }
+  return best;
+}
+
+/** The job's settings, flattened, with the model and dataset by name. */
+function settingsOf(job) {
+  const flat = flatten({ ...job.spec, name: undefined });
+  flat.base_model = names.models.get(job.model_id) ?? flat.base_model;
+  flat.dataset = names.datasets.get(job.dataset_id) ?? flat.dataset;
+  return flat;
+}
+
+async function loadNames() {
+  const [models, datasets, shipped] = await Promise.all([api("/models"), api("/datasets"), api("/presets")])
+    .catch(() => [[], [], []]);
+  names = { models: new Map(models.map((m) => [m.id, m.name])), datasets: new Map(datasets.map((d) => [d.id, d.name])) };
+  presets = shipped.map((p) => ({ name: p.name, label: p.label, fields: flatten(p.fields) }));
+}
+
 function results({ job, metrics }) {
   const last = metrics[metrics.length - 1];
   const vals = metrics.map((p) => p.validation_loss).filter((v) => v !== null);
@@ -138,14 +169,20 @@ function renderTable(loaded) {
       return el("th", { scope: "col" }, swatch, " ", el("a", { href: `/jobs/${encodeURIComponent(job.id)}` }, job.name));
     })));
   const section = (title) => el("tr", { class: "section" }, el("th", { colspan: String(loaded.length + 1), scope: "colgroup" }, title));
+  const outcome = loaded.map(results);
+  const settings = loaded.map(({ job }) => settingsOf(job));
+  const matched = settings.map(matchingPreset);
   const row = (key, cells, flag) => {
     const differs = flag && new Set(cells.map((c) => JSON.stringify(c ?? null))).size > 1;
     return el("tr", { class: flag ? (differs ? "differs" : "same") : "", dataset: { key } },
       el("th", { scope: "row", class: "key", title: key }, key.includes(".") ? key.slice(key.indexOf(".") + 1) : key),
-      ...cells.map((c) => el("td", {}, c === null || c === undefined ? "—" : String(c))));
+      ...cells.map((c, i) => {
+        const byPreset = flag && matched[i] && key in matched[i].fields;
+        return el("td", byPreset ? { class: "from-preset", title: `set by the preset ${matched[i].label}` } : {},
+          c === null || c === undefined ? "—" : String(c));
+      }));
   };
-  const outcome = loaded.map(results);
-  const settings = loaded.map(({ job }) => flatten({ ...job.spec, name: undefined }));
+  for (const [i, s] of settings.entries()) s.preset = matched[i] ? matched[i].label : null;
   const keys = [...new Set(settings.flatMap((s) => Object.keys(s)))].filter((k) => k !== "name");
   const groups = new Map();       // 'hyperparameters' → its keys; top-level keys go under 'job'
   for (const key of keys) {
@@ -179,5 +216,5 @@ async function render() {
 showVal.addEventListener("change", render);
 onlyDiff.addEventListener("change", () => table.classList.toggle("only-diff", onlyDiff.checked));
 
-await loadPicker();
+await Promise.all([loadPicker(), loadNames()]);
 render();

@@ -73,6 +73,7 @@ async function loadStats() {
   try {
     dataset = await api(`${path}?${query}`, { signal: statsRequest.signal });
     renderStats(dataset);
+    renderPreview();          // another model's template may add another system prompt
   } catch (error) {
     if (error.name !== "AbortError") document.getElementById("stats-note").textContent = error.message;
   } finally {
@@ -80,22 +81,41 @@ async function loadStats() {
   }
 }
 
-function bubble(message) {
+function bubble(message, added = "") {
   const known = ["user", "assistant", "system"].includes(message.role);
-  return el("div", { class: `bubble ${known ? message.role : "other"}` },
-    el("span", { class: "role" }, message.role), message.content);
+  return el("div", { class: `bubble ${known ? message.role : "other"}${added ? " added" : ""}` },
+    el("span", { class: "role" }, added ? `${message.role} · ${added}` : message.role), message.content);
+}
+
+let previewRows = null;   // the first rows, as /preview gave them
+
+/** The rows as conversations; a row without a system message shows the one the stats model's chat template
+ *  adds to it (it is in the token counts and in training), marked as added. */
+function renderPreview() {
+  const box = document.getElementById("preview");
+  if (!previewRows) return;
+  if (!previewRows.length) {
+    box.replaceChildren(el("p", { class: "muted" }, "The dataset is empty."));
+    return;
+  }
+  const added = dataset?.template_system_prompt;
+  const model = dataset?.token_stats_model?.name;
+  box.replaceChildren(...previewRows.map((example) => {
+    const own = example.messages.some((m) => m.role === "system");
+    const extra = added && example.templated && !own
+      ? [bubble({ role: "system", content: added }, `added by ${model}'s chat template, counted in the tokens`)] : [];
+    return el("article", { class: "conversation", dataset: { line: String(example.line) } },
+      el("div", { class: "conversation-head" }, `Row on line ${example.line}`),
+      ...extra, ...example.messages.map((m) => bubble(m)));
+  }));
 }
 
 async function loadPreview() {
-  const box = document.getElementById("preview");
   try {
-    const examples = await api(`${path}/preview?limit=5`);
-    box.replaceChildren(...examples.map((example) => el("article", { class: "conversation", dataset: { line: String(example.line) } },
-      el("div", { class: "conversation-head" }, `Row on line ${example.line}`),
-      ...example.messages.map(bubble))));
-    if (!examples.length) box.replaceChildren(el("p", { class: "muted" }, "The dataset is empty."));
+    previewRows = await api(`${path}/preview?limit=5`);
+    renderPreview();
   } catch (error) {
-    box.replaceChildren(el("p", { class: "muted" }, `No preview: ${error.message}`));
+    document.getElementById("preview").replaceChildren(el("p", { class: "muted" }, `No preview: ${error.message}`));
   }
 }
 

@@ -1,5 +1,6 @@
 // The job page: status, progress with ETA, live loss / validation-loss / learning-rate charts, log
-// tail, checkpoints, cancel / resume, download, and a peft snippet.
+// tail, checkpoints, cancel / resume / delete (each confirmed where it cannot be undone), edit & rerun,
+// download, and a peft snippet once there is an adapter.
 // The charts first load the whole history (/metrics), then follow the SSE feed; points are keyed by
 // step, so the replayed history, a reload, a reconnect or a resumed run never draws a step twice.
 // The ETA is the mean `step_seconds` of the last ETA_WINDOW steps times the steps left.
@@ -116,9 +117,18 @@ function showStatus(state) {
   error.hidden = !state.error;
   error.textContent = state.error ? `Error: ${state.error}` : "";
   document.getElementById("cancel-job").hidden = !statusIn("cancellable", state.status);
-  document.getElementById("resume-job").hidden = !statusIn("resumable", state.status);
-  document.getElementById("download-adapter").hidden = state.status !== "completed";
-  document.getElementById("chat-adapter").hidden = state.status !== "completed";
+  // resuming a job that failed before training began would only fail again: Edit & rerun instead
+  document.getElementById("resume-job").hidden = !statusIn("resumable", state.status) || state.resumable === false;
+  document.getElementById("delete-job").hidden = !statusIn("final", state.status);
+  const completed = state.status === "completed";
+  document.getElementById("download-adapter").hidden = !completed;
+  document.getElementById("chat-adapter").hidden = !completed;
+  document.getElementById("use-adapter").hidden = !completed;
+  document.getElementById("copy-snippet").hidden = !completed;
+  document.getElementById("no-adapter").hidden = completed;
+  setText("no-adapter", statusIn("final", state.status)
+    ? `No adapter: the job ${state.status === "failed" ? "failed" : "was cancelled"} before it finished.`
+    : "The adapter is written when the job completes.");
   root.dataset.status = state.status;
   showPlacement();
 }
@@ -238,7 +248,26 @@ async function refresh() {
 }
 
 // ---- actions ----------------------------------------------------------------------------------------
+/** The first click arms the button ("Confirm cancel"), a second within 4 s does it (as on the dataset page). */
+function confirmed(button, label) {
+  if (button.classList.contains("confirm")) {
+    button.classList.remove("confirm");
+    button.textContent = button.dataset.label;
+    return true;
+  }
+  button.dataset.label = button.textContent;
+  button.classList.add("confirm");
+  button.textContent = label;
+  setTimeout(() => {
+    if (!button.classList.contains("confirm")) return;
+    button.classList.remove("confirm");
+    button.textContent = button.dataset.label;
+  }, 4000);
+  return false;
+}
+
 async function change(action, button) {
+  if (action === "cancel" && !confirmed(button, "Confirm cancel")) return;
   button.disabled = true;
   try {
     job = await api(`${base}/${action}`, { method: "POST" });
@@ -252,7 +281,21 @@ async function change(action, button) {
   }
 }
 
+async function remove(button) {
+  if (!confirmed(button, "Confirm delete: adapter, checkpoints and log")) return;
+  button.disabled = true;
+  try {
+    await api(base, { method: "DELETE" });
+    following?.abort();
+    window.location.assign("/jobs");
+  } catch (error) {
+    notify(error.message, "error");
+    button.disabled = false;
+  }
+}
+
 document.getElementById("cancel-job").addEventListener("click", (e) => change("cancel", e.currentTarget));
+document.getElementById("delete-job").addEventListener("click", (e) => remove(e.currentTarget));
 document.getElementById("resume-job").addEventListener("click", (e) => change("resume", e.currentTarget));
 document.getElementById("copy-snippet").addEventListener("click", (e) =>
   copyText(document.querySelector("#snippet code").textContent, e.currentTarget));

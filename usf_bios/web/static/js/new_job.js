@@ -1,5 +1,7 @@
-// New job: model and dataset pickers, presets, the QLoRA toggle, a live estimate as fields change, and
-// errors beside the field they belong to (checked here against the spec's bounds, then by the server).
+// New job: model and dataset pickers, presets (the fields each sets are marked), the QLoRA toggle, a live
+// estimate as fields change (greyed out while it no longer matches the form), and errors beside the field they
+// belong to (checked here against the spec's bounds and this server's GPUs, then by the server). With
+// ?from=JOB_ID (Edit & rerun) the form starts from that job's spec.
 
 import { api, el, formatCount, formatDuration } from "./app.js";
 
@@ -12,6 +14,8 @@ const nameInput = document.getElementById("f-name");
 const qlora = document.getElementById("f-qlora");
 const quantization = document.getElementById("f-hyperparameters-quantization");
 const estimateBox = document.getElementById("estimate");
+const numGpus = document.getElementById("f-gpu-config-num-gpus");
+const hostGpus = Number(settings.hostGpus || 0);
 let estimateRequest = null;      // AbortController of the newest estimate request
 let debounce = null;
 let nameEdited = false;
@@ -60,13 +64,24 @@ function checkInput(input) {
   return "";
 }
 
-function checkAll() {
+/** What the scheduler would refuse on this server, beyond the spec's bounds ('' when fine). The estimate
+ *  still answers for such a spec (it names the device it assumes); a submit is refused. */
+function hostFault(input) {
+  if (input !== numGpus) return "";
+  const wanted = Number(input.value);
+  if (!(wanted > hostGpus)) return "";
+  return hostGpus === 0 ? "this server has no GPU; set 0 to train on the CPU"
+    : `this server has ${hostGpus} GPU${hostGpus > 1 ? "s" : ""}`;
+}
+
+/** Every input against its bounds (``withHost``: and against this server); false when any is at fault. */
+function checkAll(withHost = false) {
   let ok = true;
   for (const input of inputs()) {
     if (input.disabled) continue;
-    const message = checkInput(input);
+    const message = checkInput(input) || hostFault(input);
     setFieldError(input.name, message);
-    if (message) ok = false;
+    if (checkInput(input) || (withHost && message)) ok = false;
   }
   return ok;
 }
@@ -97,21 +112,54 @@ function buildSpec() {
 }
 
 // ---- presets ----------------------------------------------------------------------------------------
+function setInput(input, value) {
+  if (input.type === "checkbox") input.checked = Boolean(value);
+  else input.value = value === null || value === undefined ? "" : Array.isArray(value) ? value.join(", ") : String(value);
+}
+
+/** Fill the fields the preset sets and mark them (a "preset" tag on each, named in the summary). */
 function applyPreset(key) {
   const preset = presets[key];
   if (!preset) return;
+  for (const box of form.querySelectorAll("[data-preset]")) delete box.dataset.preset;
+  const set = [];
   for (const [path, value] of Object.entries(preset.fields)) {
-    const input = form.querySelector(`[name="${path}"]`);
+    const input = form.querySelector(`[name="${CSS.escape(path)}"]`);
     if (!input) continue;
-    if (input.type === "checkbox") input.checked = Boolean(value);
-    else input.value = value === null ? "" : String(value);
+    setInput(input, value);
+    const box = fieldBox(path);
+    if (box) box.dataset.preset = key;
+    set.push(path.split(".").pop());
   }
-  document.getElementById("preset-summary").textContent = `${preset.label}: ${preset.summary}`;
+  document.getElementById("preset-summary").textContent =
+    `${preset.label}: ${preset.summary}` + (set.length ? ` Sets ${set.join(", ")}.` : "");
+}
+
+/** Edit & rerun: every field from the job's spec (as it was submitted); no preset is applied over it. */
+function applySpec(spec, job) {
+  for (const input of inputs()) {
+    if (input === modelSelect || input === datasetSelect) continue;
+    const value = input.name.split(".").reduce((node, part) => (node == null ? undefined : node[part]), spec);
+    if (value === undefined) continue;
+    if (input === quantization) {
+      qlora.checked = value !== "none";
+      quantization.disabled = !qlora.checked;
+      if (value !== "none") quantization.value = value;
+      continue;
+    }
+    setInput(input, value);
+  }
+  for (const box of form.querySelectorAll("[data-preset]")) delete box.dataset.preset;
+  for (const radio of form.querySelectorAll('input[name="preset"]')) radio.checked = false;
+  nameEdited = true;
+  document.getElementById("preset-summary").textContent = `Prefilled from job ${job.id} (${job.status}); change what you like.`;
 }
 
 // ---- estimate ---------------------------------------------------------------------------------------
 function showEstimate(estimate) {
   const set = (id, text) => { document.getElementById(id).textContent = text; };
+  set("est-device", estimate.device);
+  set("est-warning", estimate.warning ? `${estimate.warning[0].toUpperCase()}${estimate.warning.slice(1)}.` : "");
   set("est-time", formatDuration(estimate.estimated_seconds));
   set("est-vram", estimate.peak_vram_gb === null ? "— (CPU)" : `${estimate.peak_vram_gb.toFixed(estimate.peak_vram_gb < 10 ? 2 : 1)} GB`);
   const cost = estimate.cost > 0 && estimate.cost < 0.01 ? "< $0.01" : `$${estimate.cost.toFixed(2)}`;
@@ -142,10 +190,12 @@ async function estimate() {
   estimateBox.classList.remove("busy");
   if (!modelSelect.value || !datasetSelect.value) {
     state.textContent = "Choose a model and a dataset.";
+    markStale(true);
     return;
   }
   if (!checkAll()) {
     state.textContent = "Fix the highlighted fields to see an estimate.";
+    markStale(true);
     return;
   }
   const request = new AbortController();
@@ -156,10 +206,12 @@ async function estimate() {
     const answer = await api("/jobs/estimate", { method: "POST", json: buildSpec(), signal: request.signal });
     if (request.signal.aborted) return;
     showEstimate(answer);
+    markStale(false);
     state.textContent = "Updates as you change the fields.";
     estimateBox.dataset.ready = "true";
   } catch (error) {
     if (request.signal.aborted) return;
+    markStale(true);
     const left = placeServerErrors(error);
     state.textContent = left.length ? `No estimate: ${left.join("; ")}` : "Fix the highlighted fields to see an estimate.";
   } finally {
@@ -169,6 +221,11 @@ async function estimate() {
       estimateRequest = null;
     }
   }
+}
+
+/** An estimate shown for other values than the form's now is greyed out (until a new one comes). */
+function markStale(stale) {
+  estimateBox.classList.toggle("stale", stale && estimateBox.dataset.ready === "true");
 }
 
 function scheduleEstimate() {
@@ -194,14 +251,17 @@ function suggestName() {
 
 async function loadChoices() {
   try {
-    const [models, datasets] = await Promise.all([api("/models"), api("/datasets")]);
-    fill(modelSelect, models.filter((m) => m.valid), settings.chosenModel, "model");
-    fill(datasetSelect, datasets, settings.chosenDataset, "dataset");
+    const [models, datasets, from] = await Promise.all([api("/models"), api("/datasets"),
+      settings.fromJob ? api(`/jobs/${encodeURIComponent(settings.fromJob)}`) : null]);
+    if (from) applySpec(from.spec, from);
+    fill(modelSelect, models.filter((m) => m.valid), from ? from.spec.base_model : settings.chosenModel, "model");
+    fill(datasetSelect, datasets, from ? from.spec.dataset : settings.chosenDataset, "dataset");
     suggestName();
     scheduleEstimate();
   } catch (error) {
     const box = document.getElementById("form-error");
-    box.textContent = `Models and datasets cannot be listed: ${error.message}`;
+    box.textContent = settings.fromJob && error.status === 404 ? `No job ${settings.fromJob} to start from.`
+      : `Models and datasets cannot be listed: ${error.message}`;
     box.hidden = false;
   }
 }
@@ -211,7 +271,10 @@ form.addEventListener("input", (event) => {
   const input = event.target;
   if (input.name === "preset") return;
   if (input === nameInput) nameEdited = true;
-  if (input.name) setFieldError(input.name, checkInput(input));
+  if (input.name) setFieldError(input.name, checkInput(input) || hostFault(input));
+  const box = input.name ? fieldBox(input.name) : null;
+  if (box) delete box.dataset.preset;        // the user's value now, not the preset's
+  if (input.name && checkInput(input)) markStale(true);
   scheduleEstimate();
 });
 form.addEventListener("change", (event) => {
@@ -226,7 +289,7 @@ form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const formError = document.getElementById("form-error");
   formError.hidden = true;
-  if (!checkAll()) {
+  if (!checkAll(true)) {
     form.querySelector("[aria-invalid=true]")?.focus();
     return;
   }
@@ -246,5 +309,6 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
-applyPreset(form.querySelector('input[name="preset"]:checked')?.value || settings.defaultPreset);
+if (hostGpus === 0 && numGpus.value !== "0") numGpus.value = "0";   // a host without a GPU trains on the CPU
+if (!settings.fromJob) applyPreset(form.querySelector('input[name="preset"]:checked')?.value || settings.defaultPreset);
 loadChoices();
