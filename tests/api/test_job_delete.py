@@ -10,7 +10,7 @@ from tests.conftest import chat_rows, write_jsonl
 
 
 @pytest.fixture
-def ready(server, tiny_model_template, tmp_path):
+def served(server, tiny_model_template, tmp_path):
     client = server.client()
     register_model(client, "tiny", tiny_model_in(server.home, tiny_model_template))
     upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(12)), name="chat")
@@ -24,8 +24,8 @@ def _files(home, job_id):
                         data / "logs" / f"{job_id}.events.jsonl", data / "logs" / f"{job_id}.out") if p.exists()]
 
 
-def test_a_completed_job_is_deleted_with_its_files(ready):
-    server, client = ready
+def test_a_completed_job_is_deleted_with_its_files(served):
+    server, client = served
     job = submit(client, job_spec("tiny", "chat", max_steps=3, save_steps=2))
     done = wait_for(client, job["id"], final)
     assert done["status"] == "completed" and done["resumable"] is False
@@ -47,8 +47,8 @@ def test_a_completed_job_is_deleted_with_its_files(ready):
     assert client.delete("/datasets/chat").status_code == 204
 
 
-def test_a_queued_or_running_job_must_be_cancelled_first(ready):
-    server, client = ready
+def test_a_queued_or_running_job_must_be_cancelled_first(served):
+    server, client = served
     job = submit(client, job_spec("tiny", "chat", max_steps=100_000, save_steps=100_000))
     refused = client.delete(f"/jobs/{job['id']}")
     assert refused.status_code == 409, refused.text
@@ -61,8 +61,8 @@ def test_a_queued_or_running_job_must_be_cancelled_first(ready):
     assert _files(server.home, job["id"]) == []
 
 
-def test_a_job_that_failed_before_training_is_not_resumable(ready):
-    server, client = ready
+def test_a_job_that_failed_before_training_is_not_resumable(served):
+    server, client = served
     # the registered model loses its weights after it was checked: the engine fails in setup, before any step
     (server.home / "models" / "test--tiny" / "model.safetensors").unlink()
     job = submit(client, job_spec("tiny", "chat", max_steps=2))
