@@ -72,5 +72,5 @@ def test_an_oversize_json_body_is_cut_off_at_the_cap(keyed, chunked):
     assert answer.startswith(b"HTTP/1.1 413") and b"USF_MAX_JSON_KB" in answer, answer[:300]
     assert rss_mb(server.proc.pid) - before < 50
     with server.client(key) as client:      # a body under the cap is read as before
-        small = client.post("/jobs", json={"name": "x", "base_model": "m", "dataset": "d"})
+        small = client.post("/jobs", json={"name": "x", "base_model": "m", "dataset": "d", "gpu_config": {"num_gpus": 0}})
         assert small.status_code == 422 and small.json()["errors"][0]["field"] == "base_model"
