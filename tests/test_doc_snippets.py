@@ -1,7 +1,9 @@
 """Every Python snippet of the README and of docs/ runs as pasted (issue 18, item 2): a job is trained on a tiny
 model under the default storage root (``~/.usf-bios``, with HOME pointing at a fresh folder), ``JOB_ID`` — the
 one placeholder a snippet may hold, the id ``usf-bios train`` prints — is replaced by that job's id, and each
-snippet runs in a fresh Python process."""
+snippet runs in a fresh Python process. A block fenced ```python server talks to a running `usf-bios serve` (the
+OpenAI client's flow, which tests/api/test_openai.py runs with the official client against a real server) and is
+left out here."""
 
 from __future__ import annotations
 
