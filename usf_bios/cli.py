@@ -110,7 +110,6 @@ def serve(
 
     settings = get_settings()
     host = host or settings.host
-    log_to_stderr()
     application = create_app(settings, host)
     if application.state.auth_required:
         why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
@@ -131,7 +130,6 @@ def worker(
     from usf_bios.worker.app import WorkerKeyMissing, create_worker_app
     from usf_bios.worker.service import worker_settings
 
-    log_to_stderr()
     try:
         application = create_worker_app(worker_settings())
     except WorkerKeyMissing as err:
@@ -160,18 +158,6 @@ def create_key_cmd(
 
 
 SHUTDOWN_GRACE_S = 5
-
-
-def log_to_stderr() -> None:
-    """The server's own log lines (scheduler, remote executor, worker) beside uvicorn's, at INFO."""
-    import logging
-
-    logger = logging.getLogger("usf_bios")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 DEFAULT_BENCH = ["llama3.1-8b-lora-bf16-4096", "qwen2.5-7b-lora-bf16-4096", "llama3.1-8b-qlora-nf4-4096"]

@@ -18,9 +18,9 @@ from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
 from usf_bios.api.logs import install_key_redaction
+from usf_bios.serverlog import log_to_stderr
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
                                  remote, system)
-from usf_bios.api.routes.openai_common import install_inference_log
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
@@ -99,7 +99,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_key_redaction()   # uvicorn has configured its loggers by now
-        install_inference_log()
+        log_to_stderr()   # the scheduler's, the remote executor's and the inference engine's lines
         sweep_orphan_uploads(app.state.layout)
         migrate(settings.database_url or "")
         app.state.db = Database(settings.database_url or "")

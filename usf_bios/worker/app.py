@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from usf_bios import __version__
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound
+from usf_bios.serverlog import log_to_stderr
 from usf_bios.settings import Settings
 from usf_bios.spec import field_errors
 from usf_bios.worker.callbacks import CallbackSender
@@ -58,6 +59,7 @@ def create_worker_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_to_stderr()
         service = WorkerService(settings)
         sender = CallbackSender(service)
         app.state.service = service

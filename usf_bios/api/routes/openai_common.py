@@ -7,7 +7,6 @@ a refused key (401), a full queue (429 with Retry-After), an engine that cannot 
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Callable, Coroutine
 
 from fastapi import Depends, HTTPException, Request
@@ -94,17 +93,6 @@ def get_openai_caller(request: Request, session: SessionDep) -> Caller:
     if key is not None and not key.startswith("usf_") and not request.app.state.auth_required:
         return LOCAL_USER
     return caller_for(key, session, request.app.state.auth_required)
-
-
-def install_inference_log() -> None:
-    """The engine's progress (bases and adapters loading, unloading) in the server's log, as uvicorn writes its own."""
-    logger = logging.getLogger("usf_bios.inference")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def get_engine(request: Request) -> InferenceEngine:
