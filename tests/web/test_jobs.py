@@ -207,11 +207,12 @@ def test_the_chart_follows_a_job_across_a_server_restart(make_server, open_page,
         second = make_server()
         second.port = first.port
         second.start()
+        with second.client() as client:
+            assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"
+        expect(page.locator("#live")).to_be_visible()   # reconnected while the engine is still paused: no race
     finally:
         os.kill(engine, signal.SIGCONT)
     with second.client() as client:
-        assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"
-        expect(page.locator("#live")).to_be_visible()
         # every try since the drop, the one that got through included, asks for what follows the last event seen
         retries = streams[1:]
         assert retries and last_seen and {r.headers.get("last-event-id") for r in retries} == {last_seen}
