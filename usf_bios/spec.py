@@ -110,10 +110,37 @@ class Performance(_Strict):
 class GpuConfig(_Strict):
     num_gpus: int = Field(1, ge=0, le=64, description="GPUs for the job; 0 = train on the CPU.")
     gpu_type: str = Field("any", min_length=1, max_length=64, description="GPU model wanted, or 'any'.")
-    executor: Literal["default", "local", "remote"] = Field(
+    executor: Literal["default", "local", "remote", "ray"] = Field(
         "default", description="Where the job runs: default = the server's USF_EXECUTOR; local = a process on the "
-        "server's host; remote = the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL. How a job is run, not "
-        "what it learns: left out of the resume check.")
+        "server's host; remote = the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL; ray = the Ray cluster at "
+        "RAY_ADDRESS. How a job is run, not what it learns: left out of the resume check.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How a job of several ranks splits the work: ddp = a whole model copy on each rank, "
+        "gradients averaged; fsdp = FSDP2, the base weights sharded over the ranks (for a model one GPU cannot "
+        "hold); auto = ddp when the model fits one GPU, else fsdp (the log says why). One rank: ignored.")
+    num_processes: int | None = Field(
+        None, ge=1, le=512, description="Ranks of the job: by default one per GPU (one on the CPU). With num_gpus: 0, "
+        "more than one trains data-parallel on the CPU (gloo) — for tests and small models; with GPUs it must "
+        "equal num_gpus.")
+    num_nodes: int = Field(1, ge=1, le=64, description="Hosts the job's ranks are spread over (the Ray executor "
+                           "only); num_gpus (or num_processes) must divide evenly among them.")
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> "GpuConfig":
+        if self.num_gpus and self.num_processes not in (None, self.num_gpus):
+            raise ValueError(f"num_processes ({self.num_processes}) must equal num_gpus ({self.num_gpus}) on GPUs: "
+                             "one rank per GPU")
+        if self.world_size % self.num_nodes:
+            raise ValueError(f"{self.world_size} rank(s) do not divide evenly over num_nodes: {self.num_nodes}")
+        if self.num_nodes > 1 and self.executor not in ("default", "ray"):
+            raise ValueError(f"num_nodes: {self.num_nodes} needs the Ray executor (executor: ray); the {self.executor} "
+                             "executor runs a job on one host")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The job's ranks: one per GPU, or num_processes on the CPU (one by default)."""
+        return self.num_gpus or self.num_processes or 1
 
 
 class DatasetRef(_Strict):
@@ -194,8 +221,10 @@ class JobSpec(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of everything that decides what is learned (the name, the performance switches, the executor and
-        report_to are left out; a spec of one ``dataset`` hashes as before ``datasets`` existed)."""
-        data = self.model_dump(mode="json", exclude={"name": True, "performance": True, "gpu_config": {"executor"},
+        report_to are left out, and how ranks are placed: a checkpoint records its world size itself; a spec of one
+        ``dataset`` hashes as before ``datasets`` existed)."""
+        data = self.model_dump(mode="json", exclude={"name": True, "performance": True,
+                                                     "gpu_config": {"executor", "strategy", "num_processes", "num_nodes"},
                                                      "report_to": True})
         data.pop("datasets" if self.datasets is None else "dataset")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
