@@ -66,6 +66,17 @@ class PlacementPublic(_Out):
     remote_job_id: str | None = None
 
 
+class VllmServingPublic(_Out):
+    """How to serve a completed job's adapter with vLLM (``vllm serve BASE --enable-lora --lora-modules NAME=PATH``),
+    or why vLLM's LoRA loader would refuse it."""
+
+    model: str = Field(description="The name the command serves the adapter as: the job's fine_tuned_model.")
+    compatible: bool
+    problems: list[str] = Field(description="What vLLM's loader would refuse in the adapter's files; empty when none.")
+    command: str | None = Field(description="The command, run on this server's host (the paths are this host's); "
+                                            "null when not compatible.")
+
+
 # --- keys -----------------------------------------------------------------------------------------------------
 
 class KeyCreate(BaseModel):
