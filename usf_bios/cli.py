@@ -296,8 +296,7 @@ def import_gguf_cmd(
 @models_app.command("pull")
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="The model on the hub, as org/name.")],
-    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit [default: main; master on "
-                                                      "ModelScope].")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit [default: main; ModelScope: master].")] = None,
     source: Annotated[str, typer.Option(help="huggingface or modelscope (the extra usf-bios[modelscope]).")] = "huggingface",
 ) -> None:
     """Download a model from the Hugging Face Hub into the hub cache ($HF_HOME/hub), or from ModelScope into
@@ -313,8 +312,9 @@ def pull_cmd(
     secret = token(source)
     try:
         plan = plan_pull(repo_id, revision, secret, source)
-        console.print(f"{repo_id}@{plan.revision} ({plan.commit[:12]}) from {endpoint(source)}: {len(plan.files)} "
-                      f"files, {plan.total_bytes / 1e6:,.1f} MB", highlight=False)
+        commit = f" ({plan.commit[:12]})" if plan.commit != plan.revision else ""
+        console.print(f"{repo_id}@{plan.revision}{commit} from {endpoint(source)}: {len(plan.files)} files, "
+                      f"{plan.total_bytes / 1e6:,.1f} MB", highlight=False)
         folder = pull_model(plan, cache_dir(source, _layout()), secret)
     except PullError as err:
         raise _fail(str(err), 1) from None
