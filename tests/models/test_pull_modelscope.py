@@ -18,8 +18,7 @@ from tests.api.conftest import database_url, make_server, server_env  # noqa: F4
 from tests.conftest import chat_rows, write_jsonl
 from tests.models.fake_hub import FakeModelScope
 from tests.models.test_pull import DECOYS
-
-pytest.importorskip("modelscope")
+from usf_bios.models.hub import cache_bytes, endpoint, refusal
 
 PULLED = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
           "tokenizer_config.json"]
@@ -28,6 +27,7 @@ CLEAN = ("HF_TOKEN", "SUPPORTED_MODEL_SOURCES", "MODELSCOPE_API_TOKEN", "MODELSC
 
 @pytest.fixture
 def hub(tiny_model_template):
+    pytest.importorskip("modelscope")
     fake = FakeModelScope()
     fake.add("org/tiny", tiny_model_template, extra=DECOYS)
     fake.add("org/private", tiny_model_template, token="ms-secret")
@@ -43,6 +43,31 @@ def no_sdk(tmp_path) -> str:
     folder.mkdir()
     (folder / "sitecustomize.py").write_text("import sys\nsys.modules['modelscope'] = None\n")
     return str(folder)
+
+
+def test_endpoint_refusal_and_progress_bytes_of_the_modelscope_source(monkeypatch, tmp_path):
+    for var in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN"):
+        monkeypatch.delenv(var, raising=False)
+    assert endpoint("modelscope") == "https://modelscope.cn"
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "www.modelscope.ai")   # the older variable: a host name
+    assert endpoint("modelscope") == "https://www.modelscope.ai"
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://mirror.internal:8080/")
+    assert endpoint("modelscope") == "http://mirror.internal:8080"
+
+    assert refusal("modelscope", ("local", "huggingface")) == \
+        "modelscope is not in SUPPORTED_MODEL_SOURCES (local,huggingface)"
+    assert refusal("gitee", ("local", "modelscope")).startswith("'gitee' is not a hub")
+    monkeypatch.setitem(sys.modules, "modelscope", None)   # as if the extra were not installed
+    assert refusal("modelscope", ("modelscope",)) == \
+        "the modelscope SDK is not installed (pip install 'usf-bios[modelscope]')"
+    assert refusal("huggingface", ("huggingface",)) is None
+
+    snapshot = tmp_path / "models" / "org--tiny" / "snapshots" / "master"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_bytes(b"x" * 10)
+    (snapshot / "model.safetensors.incomplete").write_bytes(b"x" * 100)   # a file being downloaded counts
+    assert cache_bytes(tmp_path, "org/tiny", "modelscope") == 110
+    assert cache_bytes(tmp_path, "org/other", "modelscope") == 0
 
 
 def usf(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Models in the browser: register a folder, a refused folder with its reason, scan the model folders, download from the Hugging Face Hub or ModelScope."""
+"""Models in the browser: register a folder, a refused folder with its reason, scan the model folders, download
+from the Hugging Face Hub or ModelScope."""
 
 from __future__ import annotations
 
