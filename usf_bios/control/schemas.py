@@ -207,8 +207,11 @@ class ModelPublic(_Out):
 class PullCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    repo_id: str = Field(..., max_length=200, description="The model on the Hugging Face Hub: org/name.")
-    revision: str = Field("main", min_length=1, max_length=200, description="Branch, tag or commit.")
+    repo_id: str = Field(..., max_length=200, description="The model on the hub: org/name.")
+    source: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="The hub: the Hugging Face Hub, or ModelScope (the server needs usf-bios[modelscope]).")
+    revision: str | None = Field(None, min_length=1, max_length=200,
+                                 description="Branch, tag or commit (default: main; master on ModelScope).")
     name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME,
                              description="The registered model's name (default: the repo id).")
 
@@ -221,23 +224,26 @@ class PullCreate(BaseModel):
 
     @field_validator("revision")
     @classmethod
-    def _revision(cls, value: str) -> str:
+    def _revision(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*", value) or ".." in value:
             raise ValueError("must be a branch, tag or commit: letters, digits, '.', '_', '-' and '/'")
         return value
 
 
 class PullPublic(_Out):
-    """A download from the Hub the server runs; the model is registered once it is complete."""
+    """A download from a hub the server runs; the model is registered once it is complete."""
 
     id: str
     repo_id: str
+    source: Literal["huggingface", "modelscope"]
     revision: str
     name: str
     status: Literal["running", "completed", "failed"]
-    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the Hub has answered.")
+    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the hub has answered.")
     total_bytes: int | None
-    bytes_done: int = Field(description="Bytes in the hub cache so far, partial files included.")
+    bytes_done: int = Field(description="Bytes in the source's cache so far, partial files included.")
     error: str | None
     model: ModelPublic | None = Field(description="The registered model, once completed.")
 
