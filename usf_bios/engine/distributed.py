@@ -9,11 +9,19 @@ talking), so the averaged gradient is the one a single process computes on the s
 writes events, checkpoints and the output; a stop request is agreed on by all ranks at each step, so every rank
 stops at the same one; every collective has a timeout (USF_DIST_TIMEOUT_S), so a rank that dies fails the others
 instead of hanging them.
+
+A rank whose peer is lost (a collective failed: a rank was killed, its node went away) does not end the job as
+failed: rank 0 writes no ``done`` event (unless a peer recorded a failure of its own, which it reports), so the
+control plane finds the job's process gone without a word, marks it interrupted and resumes it from its newest
+checkpoint (``USF_MAX_ATTEMPTS``). Under torchrun each rank dies with its launcher (``die_with_launcher``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,6 +47,32 @@ def world_from_env() -> World:
     """The process's place among the job's ranks, as torchrun describes it (one rank when not launched by it)."""
     return World(size=int(os.environ.get("WORLD_SIZE", "1")), rank=int(os.environ.get("RANK", "0")),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def die_with_launcher(world: World) -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun ends (PR_SET_PDEATHSIG): torchrun starts each
+    rank in a session of its own, so a SIGKILL of torchrun's process group would otherwise leave the ranks running."""
+    if not world.distributed or "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:   # torchrun ended before the call took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ProcessGroupNCCL",
+              "NCCL communicator was aborted", "Timed out waiting", "timed out", "Socket Timeout")
+
+
+def peer_lost(err: BaseException, world: World) -> bool:
+    """Whether a failure of a job on several ranks is a collective that lost another rank (or timed out waiting for
+    it), rather than a fault of this rank's own work."""
+    if not world.distributed:
+        return False
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_LOST)
 
 
 def start(world: World, device_type: str) -> None:

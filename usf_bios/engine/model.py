@@ -42,13 +42,11 @@ class Placement:
 
 
 def device_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the engine refuses on any machine, as (field path, reason): more than one GPU, and fp16 or a
-    quantized model on the CPU. ``choose_placement`` raises the first; the server refuses a submit or an estimate
-    with them before anything runs."""
+    """What the engine refuses on any machine, as (field path, reason): fp16 or a quantized model on the CPU.
+    ``choose_placement`` raises the first; the server refuses a submit or an estimate with them before anything
+    runs. (Several GPUs are a job of several ranks: the local executor starts it under torchrun.)"""
     hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
     problems = []
-    if gpus > 1:   # the engine runs under torchrun (engine/distributed.py); the executors do not start it yet
-        problems.append(("gpu_config.num_gpus", f"{gpus} GPUs: one job trains on one GPU for now; set num_gpus: 1"))
     if gpus == 0 and hp.precision == "fp16":
         problems.append(("hyperparameters.precision", "fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU"))
     if gpus == 0 and hp.quantization != "none":

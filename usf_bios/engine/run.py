@@ -2,7 +2,8 @@
 
 ``python -m usf_bios.engine.run JOB_ID`` runs the job whose locked spec is
 ``data/output/JOB_ID/job.yaml``, continuing from its newest complete checkpoint if it has one.
-Exit status: 0 completed, 1 failed, 3 cancelled (SIGTERM or Ctrl-C: a checkpoint is saved first).
+Exit status: 0 completed, 1 failed, 3 cancelled (SIGTERM or Ctrl-C: a checkpoint is saved first), 4 interrupted
+(a job on several ranks lost one of them: no ``done`` event, the control plane resumes it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import fcntl
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ from usf_bios.engine import checkpoint as ckpt
 from usf_bios.engine import distributed
 from usf_bios.engine.distributed import World, world_from_env
 from usf_bios.engine.data import TokenizationError, TrainingData, encode_example
-from usf_bios.engine.events import EventLog
+from usf_bios.engine.events import DoneEvent, EventLog, read_events
 from usf_bios.engine.jobdir import ResumeRefused, locked_spec
 from usf_bios.engine.loop import TrainingRun, make_optimizer, train
 from usf_bios.engine.loss import loss_sum
@@ -43,7 +45,7 @@ from usf_bios.spec import JobSpec
 from usf_bios.status import JobStatus
 from usf_bios.storage import StorageLayout
 
-EXIT_CODES = {JobStatus.COMPLETED: 0, JobStatus.FAILED: 1, JobStatus.CANCELLED: 3}
+EXIT_CODES = {JobStatus.COMPLETED: 0, JobStatus.FAILED: 1, JobStatus.CANCELLED: 3, JobStatus.INTERRUPTED: 4}
 
 
 class JobAlreadyRunning(ResumeRefused):
@@ -67,7 +69,7 @@ def job_lock(folder: Path) -> Iterator[None]:
 @dataclass(frozen=True)
 class JobResult:
     job_id: str
-    status: JobStatus      # completed | failed | cancelled
+    status: JobStatus      # completed | failed | cancelled | interrupted (a rank of the job was lost)
     output_dir: Path
     error: str | None = None
 
@@ -144,6 +146,7 @@ def run_job(job_id: str, layout: StorageLayout, *, show_progress: bool = False, 
     prefer_expandable_segments()
     spec = locked_spec(job_id, layout)
     world = world_from_env()
+    distributed.die_with_launcher(world)
     # one engine per job: its rank 0 holds the lock (the other ranks of a torchrun job run beside it)
     with job_lock(layout.job_output(job_id)) if world.is_main else contextlib.nullcontext():
         try:
@@ -253,9 +256,21 @@ def rank_events(job_id: str, layout: StorageLayout, world: World, echo: bool) ->
     return EventLog(layout.logs / f"{job_id}.rank{world.rank}.events.jsonl", layout.logs / f"{job_id}.rank{world.rank}.log")
 
 
+def peer_failure(job_id: str, layout: StorageLayout, world: World, since: float) -> str | None:
+    """A failure another rank recorded in its own events since ``since`` (its reason, naming the rank), if any."""
+    for rank in range(1, world.size):
+        events, _ = read_events(layout.logs / f"{job_id}.rank{rank}.events.jsonl")
+        for event in reversed(events):
+            if isinstance(event, DoneEvent) and event.ts >= since and event.status == JobStatus.FAILED:
+                return f"rank {rank}: {event.error}"
+    return None
+
+
 def _run(job_id: str, spec: JobSpec, layout: StorageLayout, world: World, *, show_progress: bool,
          echo: bool) -> JobResult:
-    """setup → train → save → cleanup; a failure at any step ends the job as failed with its reason."""
+    """setup → train → save → cleanup; a failure at any step ends the job as failed with its reason, except the
+    loss of another rank, which leaves the job without a verdict (interrupted: the control plane resumes it)."""
+    started = time.time()
     output_dir = layout.job_output(job_id)
     events = rank_events(job_id, layout, world, echo)
     stop = _StopFlag()
@@ -277,6 +292,15 @@ def _run(job_id: str, spec: JobSpec, layout: StorageLayout, world: World, *, sho
     except Exception as err:  # the job fails; the process does not crash without a word
         message = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, LookupError, RuntimeError)) else str(err)
         events.log(traceback.format_exc(), echo=False)   # for the log file; the caller prints the one-line reason
+        if distributed.peer_lost(err, world):
+            failure = peer_failure(job_id, layout, world, started) if world.is_main else None
+            if failure is None:
+                status = JobStatus.INTERRUPTED
+                events.log(f"rank {world.rank} of {world.size}: another rank of the job was lost "
+                           f"({message.splitlines()[0][:200]}); the job is interrupted and resumes from its newest "
+                           "checkpoint")
+                return JobResult(job_id, status, output_dir, message)
+            message = failure
         events.done(JobStatus.FAILED, error=message)
         return JobResult(job_id, JobStatus.FAILED, output_dir, message)
     finally:  # cleanup
