@@ -22,11 +22,16 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from usf_bios.spec import JobSpec
 
 @dataclass(frozen=True)
 class World:
@@ -130,3 +135,47 @@ def wrap_ddp(model: Any, loss_fn: Any, world: World) -> torch.nn.Module:
 
     return DistributedDataParallel(LossModule(model, loss_fn), device_ids=None, broadcast_buffers=False,
                                    find_unused_parameters=False)
+
+
+@contextmanager
+def no_sync(wrapped: Any) -> Iterator[None]:
+    """Inside: the gradients of a step's micro-batches before its last accumulate without communication (DDP's
+    ``no_sync``, FSDP2's ``set_requires_gradient_sync``)."""
+    if hasattr(wrapped, "no_sync"):
+        with wrapped.no_sync():
+            yield
+        return
+    wrapped.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
+
+
+def choose_strategy(spec: "JobSpec", ranks: int, config: dict, parameters: int | None,
+                    gpu_bytes: float | None) -> tuple[str, str]:
+    """How a job of ``ranks`` ranks (the spec's world size, or torchrun's where it was started by hand) splits the
+    work — ``single`` (one rank), ``ddp`` or ``fsdp`` — and why, for the log and the estimate. ``auto`` asks the estimate's memory model (``engine.memory.peak_memory``) whether one GPU
+    of ``gpu_bytes`` holds the (quantised) model with its adapter, optimizer and activations: ddp if so, else
+    fsdp. On the CPU (``gpu_bytes`` None) auto is ddp: every rank holds the model in host memory."""
+    from usf_bios.engine.memory import lora_parameter_count, peak_memory
+
+    gpu, hp = spec.gpu_config, spec.hyperparameters
+    if ranks == 1:
+        return "single", "one rank"
+    if gpu.strategy != "auto":
+        return gpu.strategy, f"strategy {gpu.strategy}, as the spec asks"
+    if hp.quantization == "8bit":
+        return "ddp", "strategy auto with 8-bit weights, which FSDP2 cannot shard: each GPU holds the model whole"
+    if gpu.num_gpus == 0 or gpu_bytes is None:
+        return "ddp", "strategy auto on the CPU: each rank holds the model in host memory (strategy: fsdp shards it)"
+    if parameters is None:
+        return "ddp", "strategy auto, and the model's size is unknown (no safetensors headers): each GPU holds it whole"
+    parts, _ = peak_memory(spec, config, parameters, lora_parameter_count(config, hp.lora_r, hp.target_modules),
+                           gpu_bytes)
+    need, has = sum(parts.values()), gpu_bytes / 2**30
+    if need <= has:
+        return "ddp", (f"strategy auto: one GPU holds the model ({need:.1f} of its {has:.1f} GiB by the estimate's "
+                       "memory model), so each rank keeps a whole copy")
+    return "fsdp", (f"strategy auto: one GPU would need {need:.1f} GiB of its {has:.1f} GiB (the estimate's memory "
+                    f"model), so FSDP2 shards the base weights over the {ranks} GPUs")
