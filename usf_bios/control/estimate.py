@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usf_bios.control.schemas import EstimatePublic
+from usf_bios.engine.distributed import choose_strategy
 from usf_bios.engine.memory import fused_loss_rows, lora_parameter_count, peak_memory  # noqa: F401  (the memory model)
 from usf_bios.spec import JobSpec
 
@@ -85,24 +86,32 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
     train_lengths = [min(token_lengths[i], hp.max_seq_length) for i in train]
     tokens_per_epoch = sum(train_lengths)
     rows = len(pack_rows(train_lengths, hp.max_seq_length)) if hp.packing else len(train_lengths)
-    steps_per_epoch = math.ceil(math.ceil(max(rows, 1) / hp.batch_size) / hp.gradient_accumulation_steps)
+    ranks = gpus.world_size   # a step takes gradient_accumulation_steps micro-batches on every rank
+    steps_per_epoch = math.ceil(math.ceil(max(rows, 1) / hp.batch_size) / (hp.gradient_accumulation_steps * ranks))
     steps = hp.max_steps or steps_per_epoch * hp.num_epochs
     trained = round(tokens_per_epoch * steps / max(steps_per_epoch, 1))
     lora = lora_parameter_count(config, hp.lora_r, hp.target_modules)
     if gpus.num_gpus == 0:
+        strategy, _ = choose_strategy(spec, ranks, config, parameters, None)
         gpu_type, peak, breakdown = "cpu", False, {}
         seconds = trained * (6 if hp.gradient_checkpointing else 4) * parameters / (CPU_EFFECTIVE_TFLOPS * 1e12)
         assumptions = f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token at 65 GFLOP/s (CPU, measured)"
     else:
         gpu_type, peak = gpus.gpu_type, True
-        breakdown, recomputed = peak_memory(spec, config, parameters, lora, _lookup(GPU_MEMORY_GIB, gpu_type) * 2**30)
+        card = _lookup(GPU_MEMORY_GIB, gpu_type) * 2**30
+        strategy, _ = choose_strategy(spec, ranks, config, parameters, card)
+        breakdown, recomputed = peak_memory(spec, config, parameters, lora, card,
+                                            shards=ranks if strategy == "fsdp" else 1)
         mfu = measured_mfu(parameters, hp.quantization, recomputed)
         rate = _lookup(PEAK_TFLOPS, gpu_type) * 1e12 * mfu * gpus.num_gpus
         seconds = trained * 4 * parameters / rate
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
                        "(our engine's MFU measured on the H200 by usf-bios bench)")
+        if ranks > 1:
+            assumptions += (f"; {strategy.upper()} over {ranks} GPUs, counted as {ranks} times one GPU's rate (not "
+                            "measured on several GPUs yet)" + ("; the base weights sharded over them" if strategy == "fsdp" else ""))
     if gpus.num_gpus == 0:
-        device = "the CPU"
+        device = "the CPU" + (f" ({ranks} ranks sharing its cores)" if ranks > 1 else "")
     else:
         known = next((key for key in PEAK_TFLOPS if key.lower() in gpu_type.lower()), None)
         device = (f"{gpus.num_gpus} × {gpu_type}" if known else
@@ -113,5 +122,5 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,
         cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 6), price_per_gpu_hour=price, gpu_type=gpu_type,
-        assumptions=assumptions, device=device,
+        assumptions=assumptions, device=device, global_batch=spec.global_batch, strategy=strategy,
     )
