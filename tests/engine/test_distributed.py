@@ -125,3 +125,24 @@ def test_fsdp2_two_ranks_train_and_save_what_one_process_does_across_a_cancel_an
     b = load_file(layout.job_output(sharded) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_a_lost_peer_interrupts_but_a_failure_a_peer_recorded_fails_the_job(layout):
+    """The gloo error of a collective whose peer died counts as a lost rank (the job is interrupted and resumed);
+    a failure another rank wrote into its own events since this run began is rank 0's verdict instead."""
+    import time
+
+    from usf_bios.engine.distributed import World, peer_lost
+    from usf_bios.engine.events import EventLog
+    from usf_bios.engine.run import peer_failure
+    from usf_bios.status import JobStatus
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1")
+    assert peer_lost(gloo, World(size=2)) and not peer_lost(gloo, World()) and not peer_lost(ValueError("x"), World(2))
+    started = time.time()
+    assert peer_failure("j", layout, World(size=2), started) is None
+    rank1 = EventLog(layout.logs / "j.rank1.events.jsonl", layout.logs / "j.rank1.log")
+    rank1.done(JobStatus.FAILED, error="CUDA out of memory")
+    rank1.close()
+    assert peer_failure("j", layout, World(size=2), started) == "rank 1: CUDA out of memory"
+    assert peer_failure("j", layout, World(size=2), time.time() + 1) is None   # an earlier attempt's failure

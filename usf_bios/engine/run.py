@@ -191,6 +191,10 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
                    f"{'NCCL' if placement.device.type == 'cuda' else 'gloo'}): an optimizer step takes "
                    f"{hp.gradient_accumulation_steps * world.size} micro-batches of {hp.batch_size} rows "
                    f"(global batch {hp.batch_size * hp.gradient_accumulation_steps * world.size} rows); {why}")
+    if world.size != spec.gpu_config.world_size:   # started by hand (torchrun, or usf-bios train)
+        events.log(f"the spec asks for {spec.gpu_config.world_size} rank(s); this run has {world.size}, so a step "
+                   f"takes {hp.gradient_accumulation_steps * world.size} micro-batches (the server starts a job on "
+                   "the ranks its spec names)")
     events.log(f"base model {resolved.path} ({resolved.source}) on {placement.device} in {placement.precision}")
     tokenizer = load_tokenizer(resolved, spec.trust_remote_code)
     plan = resolve_plan(spec.performance, hp, placement)

@@ -107,6 +107,7 @@ class LocalExecutor:
     def __init__(self, layout: StorageLayout, settings: Settings):
         self.layout, self.settings = layout, settings
         self._children: dict[int, subprocess.Popen] = {}
+        self._launchers: set[int] = set()      # pids of the torchrun processes this process started
         self._stopping: set[int] = set()      # pids sent SIGTERM by this process
         self._gpu_count: int | None = None
 
@@ -127,16 +128,21 @@ class LocalExecutor:
             proc = subprocess.Popen(engine_command(job_id, world_size), stdout=handle, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=self.layout.root)
         self._children[proc.pid] = proc
+        if world_size > 1:
+            self._launchers.add(proc.pid)
         return str(ProcessRef(proc.pid, process_start_time(proc.pid) or ""))
 
     def poll(self, handle: str | None, cursor: int, job_id: str) -> Progress:
         events, cursor = read_events(self.layout.job_events(job_id), cursor)
         ref = ProcessRef.parse(handle) if handle else None
         alive = ref is not None and self._is_alive(ref)
-        exit_code = None
+        exit_code, why = None, None
         if ref is not None and not alive and ref.pid in self._children:
             exit_code = self._children[ref.pid].poll()
-        return Progress(events=events, cursor=cursor, alive=alive, exit_code=exit_code)
+            if ref.pid in self._launchers:
+                why = (f"torchrun ended (exit status {exit_code}) without the job's verdict: a rank of the job was "
+                       "lost; the job log says which")
+        return Progress(events=events, cursor=cursor, alive=alive, exit_code=exit_code, lost_reason=why)
 
     def cancel(self, handle: str, kill: bool) -> None:
         """SIGTERM once (the engine checkpoints and ends as cancelled), SIGKILL when ``kill``; to the process group,
@@ -165,6 +171,7 @@ class LocalExecutor:
         ref = ProcessRef.parse(handle)
         if ref is not None:
             self._children.pop(ref.pid, None)
+            self._launchers.discard(ref.pid)
             self._stopping.discard(ref.pid)
 
     def _is_alive(self, ref: ProcessRef) -> bool:
