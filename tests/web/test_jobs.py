@@ -116,7 +116,8 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     sent = client.get(f"/jobs/{job_id}").json()["spec"]
     assert sent["hyperparameters"]["max_steps"] == 7 and sent["hyperparameters"]["lora_r"] == 4
     assert sent["hyperparameters"]["learning_rate"] == 1e-4 and sent["hyperparameters"]["quantization"] == "none"
-    assert sent["gpu_config"] == {"num_gpus": 0, "gpu_type": "any", "executor": "default"}
+    assert sent["gpu_config"] == {"num_gpus": 0, "gpu_type": "any", "executor": "default", "strategy": "auto",
+                                  "num_processes": None, "num_nodes": 1}
     expect(page.locator("#job-status")).to_have_text("completed", timeout=120_000)
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "7")
     expect(page.locator("#loss-chart")).to_have_attribute("data-val-points", "3")   # steps 3, 6 and the end
