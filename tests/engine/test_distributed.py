@@ -146,3 +146,18 @@ def test_a_lost_peer_interrupts_but_a_failure_a_peer_recorded_fails_the_job(layo
     rank1.close()
     assert peer_failure("j", layout, World(size=2), started) == "rank 1: CUDA out of memory"
     assert peer_failure("j", layout, World(size=2), time.time() + 1) is None   # an earlier attempt's failure
+
+
+def test_fsdp_with_8bit_weights_is_refused_and_auto_keeps_them_whole():
+    from usf_bios.engine.distributed import choose_strategy
+    from usf_bios.engine.model import device_problems
+
+    def spec(**gpu) -> JobSpec:
+        return JobSpec.model_validate({"name": "s", "base_model": "m", "dataset": "d", "gpu_config": gpu,
+                                       "hyperparameters": {"quantization": "8bit"}})
+
+    assert ("gpu_config.strategy" in [f for f, _ in device_problems(spec(num_gpus=2, strategy="fsdp"))])
+    assert device_problems(spec(num_gpus=2)) == []
+    strategy, why = choose_strategy(spec(num_gpus=2), 2, {}, 8_000_000_000, 80 * 2**30)
+    assert strategy == "ddp" and "8-bit" in why
+    assert choose_strategy(spec(num_gpus=1), 1, {}, None, None)[0] == "single"

@@ -108,8 +108,9 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
                        "(our engine's MFU measured on the H200 by usf-bios bench)")
         if ranks > 1:
+            sharded = "; the base weights sharded over them" if strategy == "fsdp" else ""
             assumptions += (f"; {strategy.upper()} over {ranks} GPUs, counted as {ranks} times one GPU's rate (not "
-                            "measured on several GPUs yet)" + ("; the base weights sharded over them" if strategy == "fsdp" else ""))
+                            f"measured on several GPUs yet){sharded}")
     if gpus.num_gpus == 0:
         device = "the CPU" + (f" ({ranks} ranks sharing its cores)" if ranks > 1 else "")
     else:

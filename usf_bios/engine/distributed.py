@@ -155,9 +155,10 @@ def no_sync(wrapped: Any) -> Iterator[None]:
 def choose_strategy(spec: "JobSpec", ranks: int, config: dict, parameters: int | None,
                     gpu_bytes: float | None) -> tuple[str, str]:
     """How a job of ``ranks`` ranks (the spec's world size, or torchrun's where it was started by hand) splits the
-    work — ``single`` (one rank), ``ddp`` or ``fsdp`` — and why, for the log and the estimate. ``auto`` asks the estimate's memory model (``engine.memory.peak_memory``) whether one GPU
-    of ``gpu_bytes`` holds the (quantised) model with its adapter, optimizer and activations: ddp if so, else
-    fsdp. On the CPU (``gpu_bytes`` None) auto is ddp: every rank holds the model in host memory."""
+    work — ``single`` (one rank), ``ddp`` or ``fsdp`` — and why, for the log and the estimate. ``auto`` asks the
+    estimate's memory model (``engine.memory.peak_memory``) whether one GPU of ``gpu_bytes`` holds the (quantised)
+    model with its adapter, optimizer and activations: ddp if so, else fsdp. On the CPU (``gpu_bytes`` None) auto
+    is ddp: every rank holds the model in host memory; 8-bit weights are ddp too (FSDP2 cannot shard int8)."""
     from usf_bios.engine.memory import lora_parameter_count, peak_memory
 
     gpu, hp = spec.gpu_config, spec.hyperparameters

@@ -184,7 +184,8 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
     distributed.start(world, placement.device.type)
     resolved = resolve_model(spec.base_model, layout, get_settings().supported_model_sources)
     config = check_model_folder(resolved.path)
-    strategy, why = distributed.choose_strategy(spec, world.size, config, parameter_count(resolved.path), gpu_bytes(placement))
+    strategy, why = distributed.choose_strategy(spec, world.size, config, parameter_count(resolved.path),
+                                                gpu_bytes(placement))
     sharded = strategy == "fsdp"
     if world.distributed:
         events.log(f"rank {world.rank} of {world.size} ({'FSDP2' if sharded else 'DistributedDataParallel'}, "
