@@ -203,6 +203,9 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
         plan, off = fsdp.fsdp_plan(plan)
         for line in off:
             events.log(line)
+        if hp.quantization == "4bit":
+            events.log("QLoRA with FSDP2: the 4-bit weights are stored as " + placement.precision + " "
+                       "(bnb_4bit_quant_storage) so FSDP2 can shard them; this path has not been run on GPUs yet")
     base = load_base_model(resolved, spec, placement, config, sharded=sharded)
     model, plan, notes = build_model(base, spec, plan, placement)
     for note in notes:
