@@ -296,7 +296,8 @@ def peer_failure(job_id: str, layout: StorageLayout, world: World, since: float)
     for rank in range(1, world.size):
         events, _ = read_events(layout.logs / f"{job_id}.rank{rank}.events.jsonl")
         for event in reversed(events):
-            if isinstance(event, DoneEvent) and event.ts >= since and event.status == JobStatus.FAILED:
+            # an event's ts is rounded to the millisecond: one written just as ``since`` was taken still counts
+            if isinstance(event, DoneEvent) and event.ts >= since - 0.001 and event.status == JobStatus.FAILED:
                 return f"rank {rank}: {event.error}"
     return None
 
