@@ -75,3 +75,21 @@ def test_a_sigkill_of_torchrun_takes_every_rank_with_it(layout, tiny_model, tmp_
         time.sleep(0.1)
     assert job_processes(job_id) == {}
     assert not executor.poll(handle, 0, job_id).alive
+
+
+def test_a_job_of_several_ranks_runs_under_torchrun_with_its_cores_split(monkeypatch):
+    from usf_bios.control.executors.local import engine_command, rank_threads
+    from usf_bios.settings import Settings
+
+    assert engine_command("j", 1)[1:] == ["-m", "usf_bios.engine.run", "j"]
+    assert engine_command("j", 4)[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                                           "--max-restarts=0"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    settings = Settings(max_cpu_jobs=2)
+    assert rank_threads(settings, 1, False, 16) is None            # one rank: the engine's own share (threads.py)
+    assert rank_threads(settings, 2, False, 16) == 4               # a CPU slot's 8 cores over 2 ranks
+    assert rank_threads(settings, 8, True, 16) == 2                # every core over 8 GPU ranks
+    assert rank_threads(settings, 4, False, 2) == 1
+    assert rank_threads(Settings(max_cpu_jobs=2, cpu_threads_per_job=3), 2, False, 16) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert rank_threads(settings, 2, False, 16) is None            # the user's OMP_NUM_THREADS stands
