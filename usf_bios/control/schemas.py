@@ -349,6 +349,10 @@ class EstimatePublic(_Out):
     gpu_type: str
     assumptions: str
     device: str = Field(description="The device the figures assume: 'the CPU', '1 × H100', …")
+    global_batch: int = Field(0, description="Rows one optimizer step trains on: batch_size × "
+                              "gradient_accumulation_steps × the job's ranks (GPUs, or num_processes on the CPU).")
+    strategy: str = Field("single", description="How the job's ranks split the work: single (one rank), ddp or fsdp "
+                          "(the base weights sharded: peak_vram_gb is one GPU's share), as the engine will choose.")
     warning: str | None = Field(None, description="What a submit of this spec would be refused for on this server "
                                                   "(e.g. a GPU asked for on a host without one); null when none.")
 
