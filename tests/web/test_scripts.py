@@ -113,7 +113,7 @@ def test_status_groups_come_from_the_server(page):
 
 # ---- the new-job page -------------------------------------------------------------------------------
 ESTIMATE = {"estimated_seconds": 90, "peak_vram_gb": None, "cost": 0, "price_per_gpu_hour": 0, "steps": 42,
-            "trained_tokens": 5000, "lora_parameters": 1000, "assumptions": ""}
+            "trained_tokens": 5000, "lora_parameters": 1000, "assumptions": "", "global_batch": 8, "strategy": "single"}
 
 
 def fake_choices(page) -> None:
