@@ -121,14 +121,16 @@ class RayCluster:
             try:
                 if httpx.get(f"{self.dashboard}/api/version", timeout=2).status_code == 200 and self.alive_nodes() == 1:
                     return
-            except (httpx.HTTPError, ValueError):
+            except (httpx.HTTPError, ValueError, ConnectionError, RuntimeError):
                 pass
             time.sleep(0.5)
         raise TimeoutError("the Ray head did not come up:\n" + self.nodes[0].log.read_text()[-3000:])
 
-    def add_worker(self, cpus: int, resources: str = "{}", timeout: float = 90) -> Node:
-        before = self.alive_nodes()
+    def add_worker(self, cpus: int, resources: str = "{}", timeout: float = 90, wait: bool = True) -> Node:
+        before = self.alive_nodes() if wait else 0
         node = self._start([f"--address={self.address}"], cpus, resources)
+        if not wait:
+            return node
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
@@ -138,8 +140,10 @@ class RayCluster:
         raise TimeoutError("the Ray worker node did not join:\n" + node.log.read_text()[-3000:])
 
     def alive_nodes(self) -> int:
-        nodes = httpx.get(f"{self.dashboard}/nodes", params={"view": "summary"}, timeout=5).json()
-        return sum(1 for n in nodes["data"]["summary"] if n.get("raylet", {}).get("state") == "ALIVE")
+        """The nodes the cluster's GCS holds alive (Ray's state API, through the dashboard)."""
+        from ray.util.state import list_nodes
+
+        return sum(1 for n in list_nodes(address=self.dashboard, timeout=10) if n.state == "ALIVE")
 
     def _check_alive(self) -> None:
         for node in self.nodes:

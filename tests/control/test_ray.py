@@ -1,0 +1,179 @@
+"""The ray executor on a real Ray cluster of this host (tests/control/raycluster.py: a head with the dashboard and
+a worker node, CPU resources only), behind a real `usf-bios serve` with USF_EXECUTOR=ray and the same USF_HOME
+(the "shared volume" of every node): a job submitted through REST runs as a Ray job and completes with every
+step's point; a job of two CPU ranks runs through Ray Train's TorchTrainer with two workers and its per-step losses
+are those of one process with the same global batch; the node a job runs on is killed mid-job, and the job is
+interrupted, resumed from its checkpoint on the node that replaces it, and completes. /system shows the nodes.
+
+Bounded: every wait has a timeout; the cluster is stopped by killing its own processes only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, kill_engines
+from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
+from tests.conftest import chat_rows, event_dicts, write_jsonl
+from tests.control.raycluster import RayCluster, make_cluster
+from tests.worker.conftest import clean_env
+
+pytest.importorskip("ray.train.torch")
+pytestmark = pytest.mark.slow   # a Ray cluster of two nodes and five jobs: about 3 minutes on 2 cores
+
+STEPS = 5
+WORKER = "usf_test_worker"   # the custom resource of the worker node(s): a job asking for it runs there
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    cluster = make_cluster()
+    try:
+        cluster.start_head(cpus=2)
+        cluster.add_worker(cpus=2, resources=json.dumps({WORKER: 1}))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("ray-control") / "usf"
+    home.mkdir()
+    yield home
+    kill_engines(home)
+
+
+def control(home: Path, cluster: RayCluster, **extra: str) -> Server:
+    env = clean_env(home)
+    env.update({"DATABASE_URL": f"sqlite:///{home / 'data' / 'usf.db'}", "USF_EXECUTOR": "ray",
+                "RAY_ADDRESS": cluster.address, "USF_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1", **extra})
+    return Server(home=home, env=env).start()
+
+
+@pytest.fixture(scope="module")
+def server(home: Path, cluster: RayCluster) -> Iterator[Server]:
+    server = control(home, cluster)
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def prepared(server: Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    with server.client() as client:
+        register_model(client, "test--tiny", tiny_model_in(server.home))
+        data = write_jsonl(tmp_path_factory.mktemp("ray-data") / "chat.jsonl", chat_rows(40))
+        return "test--tiny", upload_dataset(client, data)["id"]
+
+
+def spec(model: str, dataset: str, name: str, accumulation: int, ranks: int = 1, **hp) -> dict:
+    hp = {"max_steps": STEPS, "eval_steps": 2, "save_steps": 2, **hp}
+    body = job_spec(model, dataset, name=name, batch_size=2, gradient_accumulation_steps=accumulation,
+                    max_seq_length=96, lora_r=4, lora_alpha=8, lora_dropout=0.0, **hp)
+    if ranks > 1:
+        body["gpu_config"]["num_processes"] = ranks
+    return body
+
+
+@pytest.fixture(scope="module")
+def pair(server: Server, prepared: tuple[str, str]) -> tuple[dict, dict]:
+    """A job of one rank (4 micro-batches a step) and one of two ranks (2 each), submitted together."""
+    model, dataset = prepared
+    with server.client() as client:
+        single = submit(client, spec(model, dataset, "ray-single", accumulation=4))
+        double = submit(client, spec(model, dataset, "ray-double", accumulation=2, ranks=2))
+        return (wait_for(client, single["id"], final, timeout=240), wait_for(client, double["id"], final, timeout=240))
+
+
+def losses(home: Path, job_id: str) -> list[float]:
+    return [e["loss"] for e in event_dicts(home / "data" / "logs" / f"{job_id}.events.jsonl") if e["type"] == "metric"]
+
+
+def ray_jobs(cluster: RayCluster, job_id: str, timeout: float = 60) -> list:
+    """The Ray jobs that ran ``job_id``, oldest first, once they have ended (a driver may still be shutting Ray
+    Train down when the engine's done event has arrived)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(cluster.dashboard), time.monotonic() + timeout
+    while True:
+        found = [j for j in client.list_jobs() if (j.metadata or {}).get("usf_job_id") == job_id]
+        if all(j.status.is_terminal() for j in found) or time.monotonic() > deadline:
+            return sorted(found, key=lambda j: j.start_time or 0)
+        time.sleep(0.5)
+
+
+def test_a_job_submitted_through_rest_runs_on_the_cluster_and_completes(server, cluster, pair):
+    single, _ = pair
+    assert single["status"] == "completed" and single["executor"] == "ray", single
+    with server.client() as client:
+        points = client.get(f"/jobs/{single['id']}/metrics").json()
+        place = client.get(f"/jobs/{single['id']}/placement").json()
+        system = client.get("/system").json()
+    assert [p["step"] for p in points] == list(range(1, STEPS + 1)) and all(p["loss"] is not None for p in points)
+    assert (server.home / "data" / "output" / single["id"] / "adapter_model.safetensors").is_file()
+    [ran] = ray_jobs(cluster, single["id"])
+    assert ran.status == "SUCCEEDED" and ran.entrypoint == f"python -m usf_bios.engine.run {single['id']}"
+    assert place == {"executor": "ray", "where": f"Ray cluster {cluster.address}", "remote_status": None,
+                     "remote_stage": None, "remote_job_id": None}
+    ray = system["ray"]
+    assert ray["reachable"] and ray["address"] == cluster.address and len(ray["nodes"]) == 2, ray
+    assert [n["head"] for n in ray["nodes"]] == [True, False] and ray["gpus"] == 0
+    assert sorted(n["cpus"] for n in ray["nodes"]) == [2, 2]
+    page = httpx.get(server.url + "/ui/system", timeout=30)
+    assert page.status_code == 200 and 'id="ray-nodes"' in page.text and "0 of 0 GPUs free" in page.text
+
+
+def test_two_ranks_through_torchtrainer_give_the_losses_of_one_process(server, cluster, pair):
+    single, double = pair
+    assert double["status"] == "completed", double
+    one, two = losses(server.home, single["id"]), losses(server.home, double["id"])
+    assert len(one) == len(two) == STEPS
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5, (one, two)
+    [ran] = ray_jobs(cluster, double["id"], timeout=0)   # its driver may still be shutting Ray Train down
+    assert ran.status in ("RUNNING", "SUCCEEDED") and "usf_bios.control.executors.ray_train" in ran.entrypoint
+    logs = server.home / "data" / "logs"
+    assert "rank 0 of 2 (DistributedDataParallel, gloo)" in (logs / f"{double['id']}.log").read_text()
+    assert (logs / f"{double['id']}.rank1.log").is_file()
+    assert (server.home / "data" / "ray" / double["id"]).is_dir(), "Ray Train's run folder on the shared storage"
+
+
+def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server, home, cluster, prepared):
+    """The job is placed on the worker node (USF_RAY_RESOURCES asks for its custom resource); that node is killed
+    after the first checkpoint; a node with the same resource joins (as an autoscaler replaces it)."""
+    server.stop()
+    again = control(home, cluster, USF_RAY_RESOURCES=json.dumps({WORKER: 1}), USF_MAX_ATTEMPTS="3")
+    try:
+        model, dataset = prepared
+        steps = 40
+        with again.client() as client:
+            job = submit(client, spec(model, dataset, "ray-lost", accumulation=1, max_steps=steps, save_steps=4,
+                                      eval_steps=1000))
+            running = wait_for(client, job["id"], lambda j: j["current_step"] >= 5 or final(j), timeout=120)
+            assert running["status"] == "running", running
+            where = client.get(f"/jobs/{job['id']}/placement").json()["where"]
+            assert where.startswith(f"Ray job usf-{job['id']}-") and f" on {cluster.address}" in where, where
+            cluster.nodes[1].kill()
+            lost_at = time.monotonic()
+            cluster.add_worker(cpus=1, resources=json.dumps({WORKER: 1}), wait=False)   # the replacement, joining
+            requeued = wait_for(client, job["id"], lambda j: j["attempts"] >= 2 or final(j), timeout=60)
+            assert requeued["attempts"] == 2, requeued
+            detected = time.monotonic() - lost_at
+            done = wait_for(client, job["id"], final, timeout=150)
+            points = client.get(f"/jobs/{job['id']}/metrics").json()
+    finally:
+        again.stop(signal.SIGKILL)
+    assert done["status"] == "completed" and done["attempts"] == 2, done
+    assert [p["step"] for p in points] == list(range(1, steps + 1))
+    log = (home / "data" / "logs" / f"{job['id']}.log").read_text()
+    assert "resuming from checkpoint-" in log, log[-2000:]
+    first, second = ray_jobs(cluster, job["id"])
+    assert first.status == "FAILED" and second.status == "SUCCEEDED"
+    assert detected < 45, f"the lost node was noticed after {detected:.0f} s"
+    events = event_dicts(home / "data" / "logs" / f"{job['id']}.events.jsonl")
+    assert [e["status"] for e in events if e["type"] == "done"] == ["completed"]
