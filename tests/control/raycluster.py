@@ -112,19 +112,33 @@ class RayCluster:
         self.nodes.append(node)
         return node
 
-    def start_head(self, cpus: int, timeout: float = 90) -> None:
+    def start_head(self, cpus: int, timeout: float = 60) -> None:
+        """Start the head and return once its GCS takes connections (a worker node may join from then on; the
+        dashboard comes up later: ``wait_ready``)."""
         self._start(["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"], cpus, "{}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.gcs_port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("the Ray head's GCS did not come up:\n" + self.nodes[0].log.read_text()[-3000:])
+
+    def wait_ready(self, nodes: int, timeout: float = 90) -> None:
+        """Until the dashboard (and the Jobs API) answers and ``nodes`` nodes are alive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
             try:
-                if httpx.get(f"{self.dashboard}/api/version", timeout=2).status_code == 200 and self.alive_nodes() == 1:
+                if httpx.get(f"{self.dashboard}/api/version", timeout=2).status_code == 200 and self.alive_nodes() == nodes:
                     return
             except (httpx.HTTPError, ValueError, ConnectionError, RuntimeError):
                 pass
             time.sleep(0.5)
-        raise TimeoutError("the Ray head did not come up:\n" + self.nodes[0].log.read_text()[-3000:])
+        raise TimeoutError(f"the Ray cluster did not get {nodes} nodes:\n" +
+                           "\n".join(node.log.read_text()[-1500:] for node in self.nodes))
 
     def add_worker(self, cpus: int, resources: str = "{}", timeout: float = 90, wait: bool = True) -> Node:
         before = self.alive_nodes() if wait else 0

@@ -33,10 +33,11 @@ WORKER = "usf_test_worker"   # the custom resource of the worker node(s): a job 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
+    """Started, not yet waited for: the server starts meanwhile (``server``)."""
     cluster = make_cluster()
     try:
         cluster.start_head(cpus=2)
-        cluster.add_worker(cpus=2, resources=json.dumps({WORKER: 1}))
+        cluster.add_worker(cpus=2, resources=json.dumps({WORKER: 1}), wait=False)
         yield cluster
     finally:
         cluster.stop()
@@ -60,6 +61,7 @@ def control(home: Path, cluster: RayCluster, **extra: str) -> Server:
 @pytest.fixture(scope="module")
 def server(home: Path, cluster: RayCluster) -> Iterator[Server]:
     server = control(home, cluster)
+    cluster.wait_ready(nodes=2)
     yield server
     server.stop(signal.SIGKILL)
 
@@ -82,13 +84,23 @@ def spec(model: str, dataset: str, name: str, accumulation: int, ranks: int = 1,
 
 
 @pytest.fixture(scope="module")
-def pair(server: Server, prepared: tuple[str, str]) -> tuple[dict, dict]:
-    """A job of one rank (4 micro-batches a step) and one of two ranks (2 each), submitted together."""
+def jobs(server: Server, prepared: tuple[str, str]) -> dict[str, dict]:
+    """Submitted together (the cluster has a CPU for each rank): a job of one rank (4 micro-batches a step), one of
+    two ranks (2 each), and a long one that is cancelled once it trains."""
     model, dataset = prepared
     with server.client() as client:
         single = submit(client, spec(model, dataset, "ray-single", accumulation=4))
         double = submit(client, spec(model, dataset, "ray-double", accumulation=2, ranks=2))
-        return (wait_for(client, single["id"], final, timeout=240), wait_for(client, double["id"], final, timeout=240))
+        cancel = submit(client, spec(model, dataset, "ray-cancel", accumulation=1, max_steps=100_000, save_steps=100_000))
+        wait_for(client, cancel["id"], lambda j: j["current_step"] >= 2 or final(j), timeout=240)
+        assert client.post(f"/jobs/{cancel['id']}/cancel").status_code == 200
+        return {name: wait_for(client, job["id"], final, timeout=240)
+                for name, job in (("single", single), ("double", double), ("cancel", cancel))}
+
+
+@pytest.fixture(scope="module")
+def pair(jobs: dict[str, dict]) -> tuple[dict, dict]:
+    return jobs["single"], jobs["double"]
 
 
 def losses(home: Path, job_id: str) -> list[float]:
@@ -141,6 +153,60 @@ def test_two_ranks_through_torchtrainer_give_the_losses_of_one_process(server, c
     assert "rank 0 of 2 (DistributedDataParallel, gloo)" in (logs / f"{double['id']}.log").read_text()
     assert (logs / f"{double['id']}.rank1.log").is_file()
     assert (server.home / "data" / "ray" / double["id"]).is_dir(), "Ray Train's run folder on the shared storage"
+
+
+def test_cancel_stops_the_ray_job_after_the_engine_saved_a_checkpoint(server, cluster, jobs):
+    cancelled = jobs["cancel"]
+    assert cancelled["status"] == "cancelled", cancelled
+    events = event_dicts(server.home / "data" / "logs" / f"{cancelled['id']}.events.jsonl")
+    assert [e["status"] for e in events if e["type"] == "done"] == ["cancelled"]
+    assert any(e["type"] == "checkpoint" for e in events), "SIGTERM from Ray: the engine checkpoints first"
+    [ran] = ray_jobs(cluster, cancelled["id"])
+    assert ran.status == "STOPPED"
+
+
+def test_a_failed_rank_of_a_lost_node_is_held_back_until_ray_says_how_the_job_ended(server, cluster, prepared,
+                                                                                     tmp_path):
+    """A job of two ranks whose node went away: a surviving rank may write a failed done event (its peer is
+    gone) before the driver reports the lost worker (exit LOST_EXIT). The executor passes the events before it on
+    at once, holds the failed one back while the Ray job runs, and then reports the job lost, not failed. (The
+    Ray job here is a stand-in driver: it writes what such a rank writes and exits as the driver does.)"""
+    from ray.job_submission import JobSubmissionClient
+
+    from usf_bios.control.executors.ray import LOST_EXIT, RayExecutor
+    from usf_bios.engine.jobdir import create_job
+    from usf_bios.settings import Settings
+    from usf_bios.spec import JobSpec
+    from usf_bios.storage import StorageLayout
+
+    model, dataset = prepared
+    settings = Settings(usf_home=server.home, ray_address=cluster.address)
+    layout = StorageLayout.from_settings(settings)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(4))
+    body = spec(str(server.home / "models" / model), str(data), "ray-held", accumulation=1, ranks=2)
+    job_id = create_job(JobSpec.model_validate(body), layout)
+    events = layout.job_events(job_id)
+    stand_in = (f"import time; from pathlib import Path; from usf_bios.engine.events import EventLog; "
+                f"from usf_bios.status import JobStatus; "
+                f"log = EventLog(Path({str(events)!r}), Path({str(layout.job_log(job_id))!r})); log.stage('training'); "
+                f"log.done(JobStatus.FAILED, error='Connection reset by peer'); log.close(); time.sleep(3); "
+                f"raise SystemExit({LOST_EXIT})")
+    handle = JobSubmissionClient(cluster.dashboard).submit_job(entrypoint=f'python -c "{stand_in}"',
+                                                               metadata={"usf_job_id": job_id})
+    executor, seen, cursor = RayExecutor(layout, settings), [], 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = executor.poll(handle, cursor, job_id)
+        seen += progress.events
+        cursor = progress.cursor
+        if not progress.alive:
+            break
+        if any(e.type == "stage" for e in seen):
+            assert all(e.type != "done" for e in seen) and cursor < events.stat().st_size, "held back while it runs"
+        time.sleep(0.3)
+    assert not progress.alive and [e.type for e in seen] == ["stage"], seen
+    assert progress.exit_code == LOST_EXIT and "a worker of the job was lost" in (progress.lost_reason or "")
+    assert cursor == events.stat().st_size
 
 
 def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server, home, cluster, prepared):
