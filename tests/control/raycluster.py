@@ -24,13 +24,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.api.conftest import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def children() -> dict[int, list[int]]:
