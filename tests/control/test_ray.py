@@ -211,7 +211,8 @@ def test_a_failed_rank_of_a_lost_node_is_held_back_until_ray_says_how_the_job_en
 
 def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server, home, cluster, prepared):
     """The job is placed on the worker node (USF_RAY_RESOURCES asks for its custom resource); that node is killed
-    after the first checkpoint; a node with the same resource joins (as an autoscaler replaces it)."""
+    after the first checkpoint; a node with the same resource joins (as an autoscaler replaces it). The server is
+    restarted during the second attempt and follows it to the end."""
     server.stop()
     again = control(home, cluster, USF_RAY_RESOURCES=json.dumps({WORKER: 1}), USF_MAX_ATTEMPTS="3")
     try:
@@ -230,6 +231,10 @@ def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server
             requeued = wait_for(client, job["id"], lambda j: j["attempts"] >= 2 or final(j), timeout=60)
             assert requeued["attempts"] == 2, requeued
             detected = time.monotonic() - lost_at
+        # the server restarts while the second attempt waits for (or runs on) the new node: it follows it again
+        again.stop()
+        again = control(home, cluster, USF_RAY_RESOURCES=json.dumps({WORKER: 1}), USF_MAX_ATTEMPTS="3")
+        with again.client() as client:
             done = wait_for(client, job["id"], final, timeout=150)
             points = client.get(f"/jobs/{job['id']}/metrics").json()
     finally:
