@@ -51,10 +51,10 @@ class ExecutorUnavailable(RuntimeError):
 
 
 def check_ray() -> None:
-    """Raise ExecutorUnavailable when Ray (with its Jobs API and Ray Train) is not installed."""
+    """Raise ExecutorUnavailable when Ray's Jobs API is not installed (the server needs only it; Ray Train is
+    imported on the cluster, by the driver)."""
     try:
         import ray.job_submission  # noqa: F401
-        import ray.train.torch  # noqa: F401
     except ImportError as err:
         raise ExecutorUnavailable(f"USF_EXECUTOR=ray needs Ray ({err}); install it with "
                                   "`pip install 'usf-bios[ray]'`") from None
