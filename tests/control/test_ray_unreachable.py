@@ -28,6 +28,9 @@ def test_a_cluster_that_does_not_answer(usf_home, tiny_model, tmp_path):
     executor = RayExecutor(layout, settings)
     facts = executor.cluster()
     assert facts["reachable"] is False and facts["address"] == address and facts["detail"].startswith("no answer")
+    started = time.monotonic()
+    again = executor.cluster()   # not asked again for RETRY_S: answered at once
+    assert time.monotonic() - started < 1 and "s ago" in again["detail"], again
     job_id = create_job(parse_spec(make_spec(tiny_model, write_jsonl(tmp_path / "chat.jsonl", chat_rows(4)))), layout)
     with pytest.raises(OSError, match=f"the Ray cluster at {address} did not take the job"):
         executor.start(job_id, [])

@@ -44,6 +44,7 @@ POLL_S = 1.0                   # the Jobs API is asked about a job at most this 
 LOST_EXIT = 75                 # the TorchTrainer driver's exit status when a worker (a rank's node) was lost
 ALIVE = ("PENDING", "RUNNING")
 DRIVER = "usf_bios.control.executors.ray_train"
+RETRY_S = 10.0                 # after the cluster could not be reached, how long before it is asked again
 
 
 class ExecutorUnavailable(RuntimeError):
@@ -84,6 +85,7 @@ class RayExecutor:
         self.layout, self.settings = layout, settings
         self.address = settings.ray_address
         self._client: Any = None
+        self._failed_at, self._failure = -RETRY_S, ""
         self._jobs: dict[str, RayJob] = {}
         self._lock = threading.Lock()
 
@@ -213,11 +215,20 @@ class RayExecutor:
         return self.address or "a local Ray cluster (RAY_ADDRESS unset)"
 
     def client(self) -> Any:
-        """The Jobs API client, made on first use (making it asks the cluster, which may not be up yet)."""
+        """The Jobs API client, made on first use: making it asks the cluster for its dashboard's address, which
+        for a GCS address (host:6379) of a cluster that is down blocks for Ray's GCS timeout (about 40 s), so after
+        a failure it is not tried again for RETRY_S (OSError meanwhile, at once)."""
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient
+            waited = time.monotonic() - self._failed_at
+            if waited < RETRY_S:
+                raise OSError(f"no answer {waited:.0f} s ago ({self._failure})")
+            try:
+                from ray.job_submission import JobSubmissionClient
 
-            self._client = JobSubmissionClient(self.address)
+                self._client = JobSubmissionClient(self.address)
+            except Exception as err:  # noqa: BLE001  ConnectionError, or Ray's RpcError for a GCS that is down
+                self._failed_at, self._failure = time.monotonic(), f"{type(err).__name__}: {err}"
+                raise OSError(self._failure) from None
         return self._client
 
     def _job(self, handle: str, job_id: str) -> RayJob:
