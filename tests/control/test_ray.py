@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,34 +45,60 @@ def cluster() -> Iterator[RayCluster]:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("ray-control") / "usf"
-    home.mkdir()
-    yield home
-    kill_engines(home)
+def homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    homes = {name: tmp_path_factory.mktemp(f"ray-{name}") / "usf" for name in ("main", "placed")}
+    for home in homes.values():
+        home.mkdir()
+    yield homes
+    for home in homes.values():
+        kill_engines(home)
 
 
-def control(home: Path, cluster: RayCluster, **extra: str) -> Server:
+PLACED = {"USF_RAY_RESOURCES": json.dumps({WORKER: 1}), "USF_MAX_ATTEMPTS": "3"}   # jobs on the worker node
+
+
+def control(home: Path, cluster: RayCluster, start: bool = True, **extra: str) -> Server:
     env = clean_env(home)
     env.update({"DATABASE_URL": f"sqlite:///{home / 'data' / 'usf.db'}", "USF_EXECUTOR": "ray",
                 "RAY_ADDRESS": cluster.address, "USF_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1", **extra})
-    return Server(home=home, env=env).start()
+    server = Server(home=home, env=env)
+    return server.start() if start else server
 
 
 @pytest.fixture(scope="module")
-def server(home: Path, cluster: RayCluster) -> Iterator[Server]:
-    server = control(home, cluster)
+def servers(homes: dict[str, Path], cluster: RayCluster) -> Iterator[dict[str, Server]]:
+    """Two servers, each on its own storage root, started together while the cluster boots: ``main``, and
+    ``placed``, whose jobs ask for the worker node's custom resource (USF_RAY_RESOURCES)."""
+    servers = {"main": control(homes["main"], cluster, start=False),
+               "placed": control(homes["placed"], cluster, start=False, **PLACED)}
+    starts = [threading.Thread(target=server.start) for server in servers.values()]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join(timeout=120)
+    for server in servers.values():
+        assert httpx.get(server.url + server.health_path, timeout=5).status_code == 200, server.log()[-3000:]
     cluster.wait_ready(nodes=2)
-    yield server
-    server.stop(signal.SIGKILL)
+    yield servers
+    for server in servers.values():
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Server]) -> Server:
+    return servers["main"]
+
+
+def prepare(server: Server, folder: Path) -> tuple[str, str]:
+    """The tiny model registered and a chat dataset uploaded: (model name, dataset id)."""
+    with server.client() as client:
+        register_model(client, "test--tiny", tiny_model_in(server.home))
+        return "test--tiny", upload_dataset(client, write_jsonl(folder / "chat.jsonl", chat_rows(40)))["id"]
 
 
 @pytest.fixture(scope="module")
 def prepared(server: Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    with server.client() as client:
-        register_model(client, "test--tiny", tiny_model_in(server.home))
-        data = write_jsonl(tmp_path_factory.mktemp("ray-data") / "chat.jsonl", chat_rows(40))
-        return "test--tiny", upload_dataset(client, data)["id"]
+    return prepare(server, tmp_path_factory.mktemp("ray-data"))
 
 
 def spec(model: str, dataset: str, name: str, accumulation: int, ranks: int = 1, **hp) -> dict:
@@ -189,7 +216,7 @@ def test_a_failed_rank_of_a_lost_node_is_held_back_until_ray_says_how_the_job_en
     stand_in = (f"import time; from pathlib import Path; from usf_bios.engine.events import EventLog; "
                 f"from usf_bios.status import JobStatus; "
                 f"log = EventLog(Path({str(events)!r}), Path({str(layout.job_log(job_id))!r})); log.stage('training'); "
-                f"log.done(JobStatus.FAILED, error='Connection reset by peer'); log.close(); time.sleep(3); "
+                f"log.done(JobStatus.FAILED, error='Connection reset by peer'); log.close(); time.sleep(1.5); "
                 f"raise SystemExit({LOST_EXIT})")
     handle = JobSubmissionClient(cluster.dashboard).submit_job(entrypoint=f'python -c "{stand_in}"',
                                                                metadata={"usf_job_id": job_id})
@@ -209,14 +236,14 @@ def test_a_failed_rank_of_a_lost_node_is_held_back_until_ray_says_how_the_job_en
     assert cursor == events.stat().st_size
 
 
-def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server, home, cluster, prepared):
+def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(servers, cluster, tmp_path):
     """The job is placed on the worker node (USF_RAY_RESOURCES asks for its custom resource); that node is killed
     after the first checkpoint; a node with the same resource joins (as an autoscaler replaces it). The server is
     restarted during the second attempt and follows it to the end."""
-    server.stop()
-    again = control(home, cluster, USF_RAY_RESOURCES=json.dumps({WORKER: 1}), USF_MAX_ATTEMPTS="3")
+    again = servers["placed"]
+    home = again.home
     try:
-        model, dataset = prepared
+        model, dataset = prepare(again, tmp_path)
         steps = 40
         with again.client() as client:
             job = submit(client, spec(model, dataset, "ray-lost", accumulation=1, max_steps=steps, save_steps=4,
@@ -233,7 +260,7 @@ def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server
             detected = time.monotonic() - lost_at
         # the server restarts while the second attempt waits for (or runs on) the new node: it follows it again
         again.stop()
-        again = control(home, cluster, USF_RAY_RESOURCES=json.dumps({WORKER: 1}), USF_MAX_ATTEMPTS="3")
+        again = control(home, cluster, **PLACED)
         with again.client() as client:
             done = wait_for(client, job["id"], final, timeout=150)
             points = client.get(f"/jobs/{job['id']}/metrics").json()
