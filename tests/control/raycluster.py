@@ -175,12 +175,15 @@ class RayCluster:
 
 def ray_environment() -> dict[str, str]:
     """The nodes' environment: this interpreter's tools first on PATH (a job's entrypoint runs `python`), no
-    settings of the test run, and quick failure detection (a killed node is dead within seconds)."""
+    settings of the test run, quick failure detection (a killed node is dead within seconds), and no worker
+    processes started before they are needed (2 cores)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("USF_", "OUTPUT_PATH", "CHECKPOINT_PATH", "LOG_PATH", "RAY_", "DATABASE_URL"))}
     env.update({"PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                 "RAY_health_check_initial_delay_ms": "1000", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                # no idle workers started ahead: every job brings its own runtime_env, so none would be reused
+                "RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
                 "PYTHONUNBUFFERED": "1"})
     return env
 

@@ -244,7 +244,7 @@ def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server
     home = again.home
     try:
         model, dataset = prepare(again, tmp_path)
-        steps = 40
+        steps = 24
         with again.client() as client:
             job = submit(client, spec(model, dataset, "ray-lost", accumulation=1, max_steps=steps, save_steps=4,
                                       eval_steps=1000))
