@@ -1,9 +1,11 @@
 """The ray executor on a real Ray cluster of this host (tests/control/raycluster.py: a head with the dashboard and
-a worker node, CPU resources only), behind a real `usf-bios serve` with USF_EXECUTOR=ray and the same USF_HOME
-(the "shared volume" of every node): a job submitted through REST runs as a Ray job and completes with every
-step's point; a job of two CPU ranks runs through Ray Train's TorchTrainer with two workers and its per-step losses
-are those of one process with the same global batch; the node a job runs on is killed mid-job, and the job is
-interrupted, resumed from its checkpoint on the node that replaces it, and completes. /system shows the nodes.
+a worker node, CPU resources only), behind real `usf-bios serve`s with USF_EXECUTOR=ray whose USF_HOME every node
+sees (the "shared volume"): a job submitted through REST runs as a Ray job and completes with every step's point;
+a job of two CPU ranks runs through Ray Train's TorchTrainer with two workers and its per-step losses are those of
+one process with the same global batch; a cancelled job checkpoints and its Ray job is stopped; the node a job
+runs on is killed mid-job, and the job is interrupted, resumed from its checkpoint on the node that replaces it
+(the server restarted meanwhile) and completes; a rank's failed done is held back until Ray says a worker was
+lost. /system shows the nodes.
 
 Bounded: every wait has a timeout; the cluster is stopped by killing its own processes only."""
 
@@ -26,7 +28,7 @@ from tests.control.raycluster import RayCluster, make_cluster
 from tests.worker.conftest import clean_env
 
 pytest.importorskip("ray.train.torch")
-pytestmark = pytest.mark.slow   # a Ray cluster of two nodes and five jobs: about 3 minutes on 2 cores
+pytestmark = pytest.mark.slow   # a two-node Ray cluster and six Ray jobs: 2.5-3.5 minutes on 2 shared cores
 
 STEPS = 5
 WORKER = "usf_test_worker"   # the custom resource of the worker node(s): a job asking for it runs there
