@@ -295,27 +295,27 @@ def import_gguf_cmd(
 
 @models_app.command("pull")
 def pull_cmd(
-    repo_id: Annotated[str, typer.Argument(help="The model on the Hugging Face Hub, as org/name.")],
-    revision: Annotated[str, typer.Option(help="Branch, tag or commit.")] = "main",
+    repo_id: Annotated[str, typer.Argument(help="The model on the hub, as org/name.")],
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit [default: main; ModelScope: master].")] = None,
+    source: Annotated[str, typer.Option(help="huggingface or modelscope (the extra usf-bios[modelscope]).")] = "huggingface",
 ) -> None:
-    """Download a model from the Hugging Face Hub into the hub cache ($HF_HOME/hub): config, tokenizer and weights
-    (safetensors preferred); resumable; HF_TOKEN for gated models, HF_ENDPOINT for a mirror."""
-    import os
+    """Download a model from the Hugging Face Hub into the hub cache ($HF_HOME/hub), or from ModelScope into
+    MODELSCOPE_CACHE: config, tokenizer and weights (safetensors preferred); resumable; HF_TOKEN /
+    MODELSCOPE_API_TOKEN for gated or private models, HF_ENDPOINT / MODELSCOPE_ENDPOINT for a mirror."""
+    from usf_bios.models.hub import LABELS, PullError, cache_dir, endpoint, plan_pull, pull_model, refusal, token
 
-    from usf_bios.models.hub import PullError, endpoint, plan_pull, pull_model
-
-    settings = get_settings()
-    if "huggingface" not in settings.supported_model_sources:
-        raise _fail("models pull: the huggingface source is not enabled here "
-                    f"(SUPPORTED_MODEL_SOURCES={','.join(settings.supported_model_sources)})")
+    off = refusal(source, get_settings().supported_model_sources)
+    if off:
+        raise _fail(f"models pull: downloads from {LABELS.get(source, source)} are off here: {off}")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise _fail(f"models pull: {repo_id!r} is not org/name")
-    token = os.environ.get("HF_TOKEN") or None
+    secret = token(source)
     try:
-        plan = plan_pull(repo_id, revision, token)
-        console.print(f"{repo_id}@{revision} ({plan.commit[:12]}) from {endpoint()}: {len(plan.files)} files, "
+        plan = plan_pull(repo_id, revision, secret, source)
+        commit = f" ({plan.commit[:12]})" if plan.commit != plan.revision else ""
+        console.print(f"{repo_id}@{plan.revision}{commit} from {endpoint(source)}: {len(plan.files)} files, "
                       f"{plan.total_bytes / 1e6:,.1f} MB", highlight=False)
-        folder = pull_model(plan, _layout().hf_hub_cache, token)
+        folder = pull_model(plan, cache_dir(source, _layout()), secret)
     except PullError as err:
         raise _fail(str(err), 1) from None
     console.print(f"pulled {repo_id} → {folder}\nuse it as base_model: {repo_id}", highlight=False, soft_wrap=True)

@@ -158,15 +158,22 @@ def logs(job_id: JobId, tail: Annotated[int, typer.Option(min=1, max=100_000, he
     print(text, end="")
 
 
+def _change(action: str, job_id: str, follow_: bool = False) -> None:
+    """POST /api/jobs/{id}/{action} (cancel, resume), print the status it answers, then follow it when asked."""
+    try:
+        with _client() as client:
+            job = getattr(client, action)(job_id)
+            console.print(f"job {job['id']}: {_status(job['status'])}", highlight=False)
+            if follow_:
+                raise _exit_for(follow(client, job_id))
+    except ServerError as err:
+        raise _fail(err) from None
+
+
 @jobs_app.command("cancel")
 def cancel(job_id: JobId) -> None:
     """Cancel: a queued job at once; a running one saves a checkpoint first."""
-    try:
-        with _client() as client:
-            job = client.cancel(job_id)
-    except ServerError as err:
-        raise _fail(err) from None
-    console.print(f"job {job['id']}: {_status(job['status'])}", highlight=False)
+    _change("cancel", job_id)
 
 
 @jobs_app.command("resume")
@@ -175,14 +182,7 @@ def resume(
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Then follow it live until it ends.")] = False,
 ) -> None:
     """Queue a cancelled, failed or interrupted job again; it continues from its newest checkpoint."""
-    try:
-        with _client() as client:
-            job = client.resume(job_id)
-            console.print(f"job {job['id']}: {_status(job['status'])}", highlight=False)
-            if follow_:
-                raise _exit_for(follow(client, job_id))
-    except ServerError as err:
-        raise _fail(err) from None
+    _change("resume", job_id, follow_)
 
 
 @jobs_app.command("delete")

@@ -216,6 +216,12 @@ class JobSpec(_Strict):
         assert self.dataset is not None   # the model validator holds one of them
         return [(self.dataset, 1.0)]
 
+    @property
+    def global_batch(self) -> int:
+        """Rows one optimizer step trains on: batch_size × gradient_accumulation_steps × the job's ranks."""
+        hp = self.hyperparameters
+        return hp.batch_size * hp.gradient_accumulation_steps * self.gpu_config.world_size
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -29,8 +29,6 @@ REFUSED = [
     ({"quantization": "4bit"}, {}, "hyperparameters.quantization", "4bit needs a CUDA GPU"),
     ({"quantization": "8bit"}, {}, "hyperparameters.quantization", "8bit needs a CUDA GPU"),
     ({"precision": "fp16"}, {}, "hyperparameters.precision", "fp16 needs a CUDA GPU"),
-    ({}, {"num_gpus": 2, "gpu_type": "H100"}, "gpu_config.num_gpus", "one job trains on one GPU"),
-    ({"quantization": "4bit"}, {"num_gpus": 4}, "gpu_config.num_gpus", "one job trains on one GPU"),
 ]
 
 

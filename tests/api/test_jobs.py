@@ -163,7 +163,7 @@ def test_estimate_before_anything_runs(ready):
     assert cpu["examples"] == 40 and cpu["steps"] > 0 and cpu["tokens_per_epoch"] > 0 and cpu["gpu_type"] == "cpu"
     assert cpu["estimated_seconds"] > 0 and cpu["peak_vram_gb"] is None and cpu["cost"] == 0
     gpu_spec = job_spec("tiny", "chat", quantization="4bit")
-    gpu_spec["gpu_config"] = {"num_gpus": 1, "gpu_type": "H100"}   # one GPU per job (more is refused)
+    gpu_spec["gpu_config"] = {"num_gpus": 1, "gpu_type": "H100"}
     gpu = client.post("/jobs/estimate", json=gpu_spec).json()
     assert gpu["peak_vram_gb"] > 0 and gpu["price_per_gpu_hour"] == 2.5 and gpu["estimated_seconds"] > 0
     assert gpu["cost"] == pytest.approx(gpu["estimated_seconds"] / 3600 * 2.5, rel=0.01, abs=1e-6)

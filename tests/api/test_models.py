@@ -171,14 +171,17 @@ def test_scan_registers_valid_folders_and_reports_the_rest(server, tiny_model_te
     snapshot = fake_hf_cache(server.home / "cache" / "hub", "acme/tiny", tiny_model_template)
     ms_new = place(tiny_model_template, server.home / "cache" / "modelscope" / "models" / "qwen" / "tiny")
     ms_flat = place(tiny_model_template, server.home / "cache" / "modelscope" / "damo" / "small___v1")
+    ms_pulled = place(tiny_model_template,   # the layout `models pull --source modelscope` writes
+                      server.home / "cache" / "modelscope" / "models" / "acme--pulled" / "snapshots" / "master")
     with server.client() as client:
         assert client.post("/models", json={"name": "mine", "source": "local", "path": str(models / "already")}).status_code == 201
         result = client.post("/models/scan")
         assert result.status_code == 200, result.text
         registered = {m["name"]: m for m in result.json()["registered"]}
-        assert set(registered) == {"org--tiny", "acme/tiny", "qwen/tiny", "damo/small.v1"}
+        assert set(registered) == {"org--tiny", "acme/tiny", "qwen/tiny", "damo/small.v1", "acme/pulled"}
         assert registered["acme/tiny"]["path"] == str(snapshot) and registered["acme/tiny"]["source"] == "huggingface"
         assert registered["qwen/tiny"]["path"] == str(ms_new) and registered["damo/small.v1"]["path"] == str(ms_flat)
+        assert registered["acme/pulled"]["path"] == str(ms_pulled) and registered["acme/pulled"]["source"] == "modelscope"
         assert {m["source"] for m in registered.values()} == {"local", "huggingface", "modelscope"}
         assert all(m["parameters"] == true_parameters and m["valid"] for m in registered.values())
         skipped = {Path(s["path"]).name: s["reason"] for s in result.json()["skipped"]}
@@ -188,7 +191,7 @@ def test_scan_registers_valid_folders_and_reports_the_rest(server, tiny_model_te
         assert "config.json is missing" not in skipped["broken"]
 
         again = client.post("/models/scan").json()
-        assert again["registered"] == [] and len(again["skipped"]) == 6
+        assert again["registered"] == [] and len(again["skipped"]) == 7
         assert sorted(m["name"] for m in client.get("/models").json()) == sorted([*registered, "mine"])
     assert (models / "broken").is_dir()
 

@@ -151,3 +151,36 @@ def test_estimate_follows_the_qlora_default_measured_beside_unsloth(tmp_path):
     estimate, tokens_per_second = bench_like_estimate(tmp_path, "llama3.1-8b-qlora-nf4-4096")
     assert tokens_per_second == pytest.approx(row["tokens_per_second"], rel=0.10)
     assert estimate["peak_vram_gb"] == pytest.approx(row["peak_memory_gb"] * 1e9 / 2**30, rel=0.15)
+
+
+LLAMA_70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "tie_word_embeddings": False}
+
+
+def test_several_gpus_split_the_steps_and_a_model_too_big_for_one_is_sharded(tmp_path):
+    """The global batch is batch_size × gradient_accumulation_steps × GPUs, so two GPUs take half the steps; an 8B
+    model fits one H200 (strategy auto → ddp), a 70B one in bf16 does not fit one H100 (auto → fsdp: each GPU holds
+    its share of the weights)."""
+    estimates = {}
+    for name, model, config, parameters, gpus in (
+            ("one", "llama", None, None, 1), ("two", "llama", None, None, 2), ("big", "70b", LLAMA_70B, 70_553_706_496, 4)):
+        folder = tmp_path / name
+        folder.mkdir()
+        if config is None:
+            build_config("llama3.1-8b").to_json_file(folder / "config.json")
+            parameters = parameter_count("llama3.1-8b")
+        else:
+            (folder / "config.json").write_text(json.dumps(config))
+        spec = JobSpec(name="e", base_model=model, dataset="d", gpu_config={"num_gpus": gpus, "gpu_type": "H200" if
+                                                                            config is None else "H100"},
+                       hyperparameters={"batch_size": 2, "gradient_accumulation_steps": 4, "max_seq_length": 1024,
+                                        "num_epochs": 1, "val_split": 0.0, "packing": False})
+        estimates[name] = estimate_job(spec, [1000] * 640, folder, parameters, {"any": 2.0})
+    one, two, big = estimates["one"], estimates["two"], estimates["big"]
+    assert (one.global_batch, two.global_batch, big.global_batch) == (8, 16, 32)
+    assert (one.steps, two.steps) == (80, 40) and (one.strategy, two.strategy) == ("single", "ddp")
+    assert two.vram_breakdown_gb["weights"] == one.vram_breakdown_gb["weights"]   # DDP: a whole copy on each GPU
+    assert big.strategy == "fsdp" and "FSDP over 4 GPUs" in big.assumptions
+    assert big.vram_breakdown_gb["weights"] == pytest.approx(70_553_706_496 * 2 / 4 / 2**30, rel=1e-3)
+    assert big.peak_vram_gb < 79.2

@@ -54,3 +54,42 @@ def test_cancel_asks_the_engine_to_checkpoint_and_stop(layout, tiny_model, tmp_p
     events, progress = follow(executor, handle, job_id, lambda ev, p: not p.alive, timeout=120)
     assert isinstance(events[-1], DoneEvent) and events[-1].status == "cancelled" and progress.exit_code == 3
     assert any(e.type == "checkpoint" for e in events)
+
+
+def test_a_sigkill_of_torchrun_takes_every_rank_with_it(layout, tiny_model, tmp_path):
+    """A job of two CPU ranks runs under torchrun, which starts each rank in a session of its own; the scheduler's
+    last word to a job that will not stop (cancel with kill) reaches torchrun's group only, and the ranks die with
+    it (PR_SET_PDEATHSIG)."""
+    from tests.api.test_distributed_jobs import job_processes
+
+    executor = LocalExecutor(layout, get_settings())
+    dataset = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    spec = make_spec(tiny_model, dataset, max_steps=5000, save_steps=5000, eval_steps=5000)
+    job_id = create_job(parse_spec({**spec, "gpu_config": {"num_gpus": 0, "num_processes": 2}}), layout)
+    handle = executor.start(job_id, [])
+    follow(executor, handle, job_id, lambda ev, p: any(isinstance(e, MetricEvent) for e in ev))
+    assert set(job_processes(job_id)) == {"launcher", "0", "1"}
+    executor.cancel(handle, kill=True)
+    deadline = time.monotonic() + 10
+    while job_processes(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job_processes(job_id) == {}
+    assert not executor.poll(handle, 0, job_id).alive
+
+
+def test_a_job_of_several_ranks_runs_under_torchrun_with_its_cores_split(monkeypatch):
+    from usf_bios.control.executors.local import engine_command, rank_threads
+    from usf_bios.settings import Settings
+
+    assert engine_command("j", 1)[1:] == ["-m", "usf_bios.engine.run", "j"]
+    assert engine_command("j", 4)[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                                           "--max-restarts=0"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    settings = Settings(max_cpu_jobs=2)
+    assert rank_threads(settings, 1, False, 16) is None            # one rank: the engine's own share (threads.py)
+    assert rank_threads(settings, 2, False, 16) == 4               # a CPU slot's 8 cores over 2 ranks
+    assert rank_threads(settings, 8, True, 16) == 2                # every core over 8 GPU ranks
+    assert rank_threads(settings, 4, False, 2) == 1
+    assert rank_threads(Settings(max_cpu_jobs=2, cpu_threads_per_job=3), 2, False, 16) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert rank_threads(settings, 2, False, 16) is None            # the user's OMP_NUM_THREADS stands

@@ -4,33 +4,11 @@ within bf16 tolerance) and written as GGUF that the project's own importer reads
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-import pytest
 import torch
-import yaml
 
-from tests.conftest import chat_rows, write_jsonl
+from tests.models.conftest import usf
 from usf_bios.models.gguf import import_gguf
-
-
-def usf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "usf_bios", *args], capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture
-def trained_job(layout, tiny_model, tmp_path) -> str:
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
-    spec = {"name": "export-me", "base_model": tiny_model, "dataset": str(data),
-            "hyperparameters": {"max_steps": 3, "learning_rate": 5e-2, "batch_size": 2, "gradient_accumulation_steps": 1,
-                                "max_seq_length": 64, "lora_r": 4, "lora_alpha": 16, "lora_dropout": 0.0,
-                                "val_split": 0.0, "precision": "fp32", "gradient_checkpointing": False},
-            "gpu_config": {"num_gpus": 0}}
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    result = usf("train", str(tmp_path / "job.yaml"))
-    assert result.returncode == 0, result.stderr
-    return next(p.name for p in layout.output.iterdir() if p.name.startswith("export-me-"))
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_cli_pull_refusals_name_their_cause(env, hub):
     revision = usf(env, "models", "pull", "org/tiny", "--revision", "v7")
     assert revision.returncode == 1 and "org/tiny has no revision 'v7'" in revision.stderr
     off = usf({**env, "SUPPORTED_MODEL_SOURCES": "local"}, "models", "pull", "org/tiny")
-    assert off.returncode == 2 and "the huggingface source is not enabled here" in off.stderr
+    assert off.returncode == 2 and "huggingface is not in SUPPORTED_MODEL_SOURCES (local)" in off.stderr
     assert usf(env, "models", "pull", "tiny").returncode == 2
     assert not any("org/tiny" in f for f in hub.fetched)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -42,11 +43,24 @@ def test_huggingface_cache_snapshot_by_ref(layout):
         resolve_model("acme/chat-1b", layout, ("local", "modelscope"))
 
 
-@pytest.mark.parametrize("relative", ["models/qwen/Qwen2.5-0.5B", "qwen/Qwen2___5-0___5B", "hub/models/qwen/Qwen2.5-0.5B"])
+@pytest.mark.parametrize("relative", ["models/qwen/Qwen2.5-0.5B", "qwen/Qwen2___5-0___5B", "hub/models/qwen/Qwen2.5-0.5B",
+                                      "models/qwen--Qwen2.5-0.5B/snapshots/master"])
 def test_modelscope_cache_layouts(layout, relative):
     folder = fake_model(layout.modelscope_cache / relative)
     found = resolve_model("qwen/Qwen2.5-0.5B", layout, ALL)
     assert (found.path, found.source) == (folder, "modelscope")
+
+
+def test_modelscope_snapshots_master_first_else_the_newest(layout):
+    snapshots = layout.modelscope_cache / "models" / "qwen--tiny" / "snapshots"
+    older, newer = fake_model(snapshots / "v1.0"), fake_model(snapshots / "v2.0")
+    os.utime(older, (1, 1))
+    assert resolve_model("qwen/tiny", layout, ALL).path == newer
+    master = fake_model(snapshots / "master")
+    os.utime(master, (1, 1))
+    assert resolve_model("qwen/tiny", layout, ALL).path == master
+    (snapshots / "broken").mkdir()   # an interrupted pull's folder without config.json is never chosen
+    assert resolve_model("qwen/tiny", layout, ALL).path == master
 
 
 def test_not_found_says_where_it_looked(layout):

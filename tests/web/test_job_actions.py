@@ -87,3 +87,10 @@ def test_a_failed_setup_offers_edit_and_rerun_not_resume(server, page, tiny_mode
     expect(snippet).to_contain_text(str(server.home / "models" / "test--tiny"))
     assert snippet.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
     assert snippet.evaluate("e => e.scrollWidth <= e.clientWidth"), "the snippet scrolls sideways"
+    # and the vLLM line for the same adapter, checked against vLLM's loader rules by the server
+    served = client.get(f"/jobs/{rerun}/vllm").json()
+    assert served["compatible"] and served["problems"] == []
+    expect(page.locator("#vllm-command")).to_have_text(served["command"])
+    assert served["command"].startswith(f"vllm serve {server.home / 'models' / 'test--tiny'} --enable-lora "
+                                        f"--lora-modules ft:tiny:broken:{rerun}=")
+    assert client.get(f"/jobs/{job['id']}/vllm").status_code == 409      # the failed one has no adapter

@@ -65,6 +65,7 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     page.fill("#f-hyperparameters-max-steps", "7")
     page.fill("#f-gpu-config-num-gpus", "0")
     expect(page.locator("#est-vram")).to_have_text("— (CPU)")
+    expect(page.locator("#est-batch")).to_have_text(re.compile(r"^\d+ rows$"))   # batch × accumulation × 1 rank
     page.fill("#f-gpu-config-num-gpus", "1")
     expect(page.locator("#est-vram")).to_have_text(re.compile(r"^\d+\.\d\d GB$"))
     # a GPU on this GPU-less host: estimated (for planning) on the device it names, refused beside the field
@@ -72,6 +73,12 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     expect(page.locator("#est-warning")).to_contain_text("A submit would be refused here: gpu_config.num_gpus")
     expect(page.locator("#f-gpu-config-num-gpus-error")).to_have_text("this server has no GPU; set 0 to train on the CPU")
     expect(page.locator("#est-cost")).to_have_text(re.compile(r"^(\$\d+\.\d\d|< \$0\.01) at \$2\.5/GPU-h$"))
+    one_gpu = page.locator("#est-batch").inner_text()
+    page.fill("#f-gpu-config-num-gpus", "2")   # the global batch doubles, the ranks keep a whole model each
+    expect(page.locator("#est-batch")).to_have_text(f"{2 * int(one_gpu.split()[0])} rows (DDP)")
+    expect(page.locator("#est-device")).to_have_text("2 × GPU of type 'any', sized as an H100 80GB")
+    page.fill("#f-gpu-config-num-gpus", "1")
+    expect(page.locator("#est-device")).to_have_text("1 × GPU of type 'any', sized as an H100 80GB")
     with page.expect_request(lambda r: r.url.endswith("/api/jobs/estimate")
                              and r.post_data_json["hyperparameters"]["quantization"] == "4bit"):
         page.check("#f-qlora")
@@ -116,7 +123,8 @@ def test_new_job_presets_live_estimate_field_errors_and_start(server, page, tiny
     sent = client.get(f"/jobs/{job_id}").json()["spec"]
     assert sent["hyperparameters"]["max_steps"] == 7 and sent["hyperparameters"]["lora_r"] == 4
     assert sent["hyperparameters"]["learning_rate"] == 1e-4 and sent["hyperparameters"]["quantization"] == "none"
-    assert sent["gpu_config"] == {"num_gpus": 0, "gpu_type": "any", "executor": "default"}
+    assert sent["gpu_config"] == {"num_gpus": 0, "gpu_type": "any", "executor": "default", "strategy": "auto",
+                                  "num_processes": None, "num_nodes": 1}
     expect(page.locator("#job-status")).to_have_text("completed", timeout=120_000)
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "7")
     expect(page.locator("#loss-chart")).to_have_attribute("data-val-points", "3")   # steps 3, 6 and the end

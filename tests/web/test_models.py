@@ -1,9 +1,11 @@
-"""Models in the browser: register a folder, a refused folder with its reason, scan the model folders."""
+"""Models in the browser: register a folder, a refused folder with its reason, scan the model folders, download
+from the Hugging Face Hub or ModelScope."""
 
 from __future__ import annotations
 
 import shutil
 
+import pytest
 from playwright.sync_api import expect
 
 from tests.api.flows import tiny_model_in
@@ -83,3 +85,37 @@ def test_download_a_model_from_the_hub_with_its_progress(make_server, open_page,
     page.goto("/models")
     expect(page.locator("#pull-disabled")).to_contain_text("huggingface is not in SUPPORTED_MODEL_SOURCES")
     expect(page.locator("#pull-form")).to_have_count(0)
+
+
+def test_download_a_model_from_modelscope_with_its_progress(make_server, open_page, tiny_model_template, tmp_path):
+    pytest.importorskip("modelscope")
+    from tests.models.fake_hub import FakeModelScope
+
+    hub = FakeModelScope()
+    hub.add("org/tiny", tiny_model_template)
+    hub.delay_s = 0.3
+    hub.start()
+    try:
+        server = make_server(MODELSCOPE_ENDPOINT=hub.url, MODELSCOPE_HOME=str(tmp_path / "modelscope-home")).start()
+        page = open_page(server.url)
+        page.goto("/models")
+        expect(page.locator("#pull-revision")).to_have_attribute("placeholder", "main")
+        page.select_option("#pull-source", "modelscope")
+        expect(page.locator("#pull-revision")).to_have_attribute("placeholder", "master")
+        page.fill("#pull-repo", "org/tiny")
+        page.click("#pull-submit")
+        expect(page.locator("#pull-progress")).to_be_visible()
+        expect(page.locator("#pull-text")).to_contain_text("org/tiny: ")
+        expect(page.locator("#toast")).to_contain_text("Downloaded and registered org/tiny", timeout=120_000)
+        expect(page.locator('#models-table tr[data-model-name="org/tiny"]')).to_contain_text("ModelScope")
+        bar = page.locator("#pull-bar")
+        assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
+    finally:
+        hub.stop()
+
+    off = make_server(SUPPORTED_MODEL_SOURCES="local,huggingface").start()
+    page = open_page(off.url)
+    page.goto("/models")
+    expect(page.locator("#pull-source option")).to_have_count(1)
+    expect(page.locator("#pull-source-help")).to_contain_text(
+        "ModelScope is off: modelscope is not in SUPPORTED_MODEL_SOURCES (local,huggingface)")

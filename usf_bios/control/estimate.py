@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from usf_bios.control.schemas import EstimatePublic
+from usf_bios.engine.distributed import choose_strategy
+from usf_bios.engine.memory import fused_loss_rows, lora_parameter_count, peak_memory  # noqa: F401  (the memory model)
 from usf_bios.spec import JobSpec
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "T4": 65.0}
@@ -40,7 +42,6 @@ MEASURED_LORA_MFU = ((134_515_008, 0.0055), (7_615_616_512, 0.5289), (8_030_261_
 MEASURED_QLORA_MFU_RATIO = 0.2772 / 0.5030
 MEASURED_QLORA_KEEP_MFU_RATIO = 0.5045 / 0.5104
 CPU_EFFECTIVE_TFLOPS = 0.065
-BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 
 
 def measured_mfu(parameters: int, quantization: str, recomputed_share: float = 0.0) -> float:
@@ -61,79 +62,11 @@ def measured_mfu(parameters: int, quantization: str, recomputed_share: float = 0
     return mfu * (MEASURED_QLORA_KEEP_MFU_RATIO + (MEASURED_QLORA_MFU_RATIO - MEASURED_QLORA_KEEP_MFU_RATIO) * share)
 
 
-def lora_parameter_count(config: dict, r: int, target_modules: str | list[str]) -> int:
-    """LoRA weights (A and B) on the attention and MLP projections of a decoder."""
-    h = int(config.get("hidden_size", 0))
-    inter = int(config.get("intermediate_size", 4 * h))
-    heads = int(config.get("num_attention_heads", 1))
-    kv_heads = int(config.get("num_key_value_heads", heads))
-    head_dim = int(config.get("head_dim") or h // max(heads, 1))
-    kv = kv_heads * head_dim
-    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    names = shapes if target_modules == "all-linear" else [m for m in target_modules if m in shapes]
-    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
-    return per_layer * int(config.get("num_hidden_layers", 0))
-
-
 def _lookup(table: dict[str, float], gpu_type: str) -> float:
     for key, value in table.items():
         if key.lower() in gpu_type.lower():
             return value
     return table["H100"]
-
-
-def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
-    """Rows of one slice of Liger's fused linear cross-entropy (what ``loss: auto`` picks on a GPU with
-    liger-kernel): the power of two at or above tokens ÷ ⌈vocab ÷ hidden⌉, so its slices grow with the pass (bf16
-    logits with their gradient written in place, counted here as 4 bytes each with the fp32 reductions)."""
-    slices = max(1, math.ceil(vocab / max(hidden, 1)))
-    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / slices)))))
-
-
-def _vram(spec: JobSpec, config: dict, parameters: int, lora: int, gpu_type: str) -> tuple[dict[str, float], float]:
-    """The peak memory's parts and the share of decoder layers that will recompute; raises SpeedPlanError where
-    the engine would refuse the job's speed switches on a GPU host."""
-    from types import SimpleNamespace
-
-    from usf_bios.engine.loss import CHUNK_ELEMENTS
-    from usf_bios.engine.memory import HEADROOM_BYTES, activation_estimate
-    from usf_bios.engine.plan import plan_for
-
-    hp = spec.hyperparameters
-    gib = 2**30
-    h = int(config.get("hidden_size", 0))
-    vocab = int(config.get("vocab_size", 0))
-    tokens = hp.batch_size * hp.max_seq_length
-    shape = SimpleNamespace(hidden_size=h, intermediate_size=int(config.get("intermediate_size", 4 * h)),
-                            num_hidden_layers=int(config.get("num_hidden_layers", 0)),
-                            num_attention_heads=int(config.get("num_attention_heads", 1)),
-                            num_key_value_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"))
-    plan = plan_for(spec.performance, hp, cuda=True, liger=True)   # a GPU host with the [gpu] extra
-    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    if hp.quantization == "none":
-        weights = parameters * 2
-    else:
-        weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
-    lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
-    free = _lookup(GPU_MEMORY_GIB, gpu_type) * gib - weights - lora_bytes
-    kept = activation_estimate(shape, checkpointing=plan.checkpointing, merge=plan.merge_micro_batches,
-                               micro_batch_tokens=tokens, step_tokens=tokens * hp.gradient_accumulation_steps,
-                               free_bytes=int(free), lora_dropout=hp.lora_dropout, fused_lora=plan.fused_lora)
-    activations, tokens = kept.bytes, kept.tokens_per_pass
-    if plan.loss == "full":
-        logit_rows, logit_bytes = tokens, 8
-    elif plan.loss == "fused":
-        logit_rows, logit_bytes = fused_loss_rows(tokens, vocab, h), 4
-    else:
-        logit_rows, logit_bytes = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))), 6
-    return {
-        "weights": round(weights / gib, 3),
-        "lora_and_optimizer": round(lora_bytes / gib, 3),
-        "activations": round(activations / gib, 3),
-        "logits": round(logit_rows * vocab * logit_bytes / gib, 3),
-        "cuda_overhead": round(min(HEADROOM_BYTES, 2**28 + weights // 100) / gib, 3),
-    }, kept.recomputed_share
 
 
 def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path, parameters: int,
@@ -153,24 +86,33 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
     train_lengths = [min(token_lengths[i], hp.max_seq_length) for i in train]
     tokens_per_epoch = sum(train_lengths)
     rows = len(pack_rows(train_lengths, hp.max_seq_length)) if hp.packing else len(train_lengths)
-    steps_per_epoch = math.ceil(math.ceil(max(rows, 1) / hp.batch_size) / hp.gradient_accumulation_steps)
+    ranks = gpus.world_size   # a step takes gradient_accumulation_steps micro-batches on every rank
+    steps_per_epoch = math.ceil(math.ceil(max(rows, 1) / hp.batch_size) / (hp.gradient_accumulation_steps * ranks))
     steps = hp.max_steps or steps_per_epoch * hp.num_epochs
     trained = round(tokens_per_epoch * steps / max(steps_per_epoch, 1))
     lora = lora_parameter_count(config, hp.lora_r, hp.target_modules)
     if gpus.num_gpus == 0:
+        strategy, _ = choose_strategy(spec, ranks, config, parameters, None)
         gpu_type, peak, breakdown = "cpu", False, {}
         seconds = trained * (6 if hp.gradient_checkpointing else 4) * parameters / (CPU_EFFECTIVE_TFLOPS * 1e12)
         assumptions = f"{'6' if hp.gradient_checkpointing else '4'}·N FLOPs per token at 65 GFLOP/s (CPU, measured)"
     else:
         gpu_type, peak = gpus.gpu_type, True
-        breakdown, recomputed = _vram(spec, config, parameters, lora, gpu_type)
+        card = _lookup(GPU_MEMORY_GIB, gpu_type) * 2**30
+        strategy, _ = choose_strategy(spec, ranks, config, parameters, card)
+        breakdown, recomputed = peak_memory(spec, config, parameters, lora, card,
+                                            shards=ranks if strategy == "fsdp" else 1)
         mfu = measured_mfu(parameters, hp.quantization, recomputed)
         rate = _lookup(PEAK_TFLOPS, gpu_type) * 1e12 * mfu * gpus.num_gpus
         seconds = trained * 4 * parameters / rate
         assumptions = (f"4·N FLOPs per token at {mfu:.1%} of {_lookup(PEAK_TFLOPS, gpu_type):.0f} TFLOP/s bf16 per GPU "
                        "(our engine's MFU measured on the H200 by usf-bios bench)")
+        if ranks > 1:
+            sharded = "; the base weights sharded over them" if strategy == "fsdp" else ""
+            assumptions += (f"; {strategy.upper()} over {ranks} GPUs, counted as {ranks} times one GPU's rate (not "
+                            f"measured on several GPUs yet){sharded}")
     if gpus.num_gpus == 0:
-        device = "the CPU"
+        device = "the CPU" + (f" ({ranks} ranks sharing its cores)" if ranks > 1 else "")
     else:
         known = next((key for key in PEAK_TFLOPS if key.lower() in gpu_type.lower()), None)
         device = (f"{gpus.num_gpus} × {gpu_type}" if known else
@@ -181,5 +123,5 @@ def estimate_job(spec: JobSpec, token_lengths: Sequence[int], model_folder: Path
         trained_tokens=trained, parameters=parameters, lora_parameters=lora, estimated_seconds=round(seconds, 6),
         peak_vram_gb=round(sum(breakdown.values()), 2) if peak else None, vram_breakdown_gb=breakdown,
         cost=round(seconds / 3600 * max(gpus.num_gpus, 1) * price, 6), price_per_gpu_hour=price, gpu_type=gpu_type,
-        assumptions=assumptions, device=device,
+        assumptions=assumptions, device=device, global_batch=spec.global_batch, strategy=strategy,
     )

@@ -174,20 +174,18 @@ def job_status(job: Job) -> JobStatusPublic:
 
 
 def _transition(session: Session, job: Job, action: str) -> None:
-    try:
+    def change(job: Job) -> None:
         if action == "cancel":
             # queued: cancelled at once; running: SIGTERM (checkpoint, then cancelled), SIGKILL after the grace period
-            if job.status == JobStatus.QUEUED.value:
-                lifecycle.mark_cancelled(job)
-            else:
-                lifecycle.mark_cancelling(job)
+            lifecycle.request_cancel(job)
         else:
             lifecycle.requeue(job, reset_attempts=True)   # the engine continues from the newest checkpoint
             job.error = None
+
+    try:
+        lifecycle.commit_change(session, job, change)
     except InvalidTransition as err:
-        session.rollback()
         raise Conflict(str(err)) from None
-    session.commit()
 
 
 def cancel_job(*, session: Session, job: Job) -> None:

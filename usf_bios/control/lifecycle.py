@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from usf_bios.status import JobStatus
 
@@ -59,6 +60,36 @@ def mark_running(job: "Job", handle: str, gpu_ids: str) -> None:
 def mark_cancelling(job: "Job") -> None:
     _move(job, S.CANCELLING)
     job.cancel_requested_at = _now()
+
+
+def request_cancel(job: "Job") -> None:
+    """A user's cancel: a queued job is cancelled at once; a started one is asked to stop (SIGTERM, a checkpoint,
+    then cancelled); one already stopping stays so."""
+    if job.status == S.QUEUED.value:
+        mark_cancelled(job)
+    elif job.status != S.CANCELLING.value:
+        mark_cancelling(job)
+
+
+def commit_change(session: Any, job: "Job", change: Callable[["Job"], None], tries: int = 5) -> None:
+    """Apply ``change`` to the job and commit. A job row carries a version (tables.Job): when another writer — the
+    scheduler's thread, another server on the same store — committed the row since this session read it, the
+    commit fails instead of overwriting that write (a cancel lost to a start, a start over a cancel); the
+    change is then applied again to what was committed. An InvalidTransition propagates (rolled back)."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    for attempt in range(tries):
+        try:
+            change(job)
+            session.commit()
+            return
+        except StaleDataError:
+            session.rollback()      # the job's attributes are reloaded on their next read
+            if attempt == tries - 1:
+                raise
+        except InvalidTransition:
+            session.rollback()
+            raise
 
 
 def _finish(job: "Job", target: JobStatus, error: str | None = None) -> None:

@@ -17,7 +17,7 @@ from usf_bios.control.keys import Caller, find_owned, get_owned, name_taken, own
 from usf_bios.control.schemas import ModelCreate, ModelPublic, ScanResult, ScanSkipped
 from usf_bios.control.tables import Job, ModelEntry
 from usf_bios.models.inspect import folder_size, parameter_count
-from usf_bios.models.sources import huggingface_snapshot, modelscope_folder
+from usf_bios.models.sources import huggingface_snapshot, modelscope_folder, modelscope_snapshot
 from usf_bios.models.validate import ModelFolderError, check_model_folder
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
@@ -137,8 +137,14 @@ def scan_candidates(layout: StorageLayout, sources: tuple[str, ...]) -> Iterator
         cache = layout.modelscope_cache
         bases = ((cache / "models", ()), (cache / "hub" / "models", ()), (cache, ("models", "hub")),
                  (cache / "hub", ("models", "datasets")))
+        for repo in _subfolders(cache / "models"):
+            repo_id = repo.name.replace("--", "/", 1)
+            if "/" in repo_id and (snapshot := modelscope_snapshot(cache, repo_id)) is not None:
+                yield snapshot, repo_id, "modelscope", repo_id
         for base, exclude in bases:
             for org in _subfolders(base, exclude):
+                if "--" in org.name and (org / "snapshots").is_dir():
+                    continue   # the snapshot layout, above
                 for folder in _subfolders(org):
                     repo_id = f"{org.name}/{folder.name.replace('___', '.')}"
                     yield folder, repo_id, "modelscope", repo_id

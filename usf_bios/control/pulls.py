@@ -1,7 +1,7 @@
-"""Model downloads from the Hugging Face Hub that the server runs (``POST /api/models/pull``, the models page's
-Download): each is its own process (``python -m usf_bios.models.hub``, so the server itself stays offline), followed
-by a thread that registers the model once it is complete. Progress is the bytes of the repository in the hub cache,
-partial files included. Pulls live in memory: a restarted server forgets those under way, and a new pull of the
+"""Model downloads from the Hugging Face Hub or ModelScope that the server runs (``POST /api/models/pull``, the
+models page's Download): each is its own process (``python -m usf_bios.models.hub``, so the server itself stays
+offline), followed by a thread that registers the model once it is complete. Progress is the bytes of the
+repository in the source's cache, partial files included. Pulls live in memory: a restarted server forgets those under way, and a new pull of the
 same model continues its partial files.
 """
 
@@ -21,7 +21,7 @@ from usf_bios.control.keys import Caller, name_taken
 from usf_bios.control.models import NotAllowed, allowed_roots, confine_to_roots, describe_folder
 from usf_bios.control.schemas import ModelPublic, PullCreate, PullPublic
 from usf_bios.control.tables import ModelEntry, new_id
-from usf_bios.models.hub import cache_bytes
+from usf_bios.models.hub import LABELS, cache_bytes, cache_dir, default_revision, refusal
 from usf_bios.models.validate import ModelFolderError
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
@@ -34,6 +34,7 @@ class Pull:
     revision: str
     name: str
     owner: str | None
+    source: str = "huggingface"
     state: str = "running"     # running | completed | failed (PullPublic.status)
     files: int | None = None
     total_bytes: int | None = None
@@ -51,24 +52,25 @@ class Pulls:
 
     def start(self, caller: Caller, body: PullCreate) -> Pull:
         """Start a pull (or return the one of this repo and revision under way)."""
-        sources = self.settings.supported_model_sources
-        if "huggingface" not in sources:
-            raise Invalid("repo_id", f"downloads from the Hugging Face Hub are off on this server "
-                                     f"(SUPPORTED_MODEL_SOURCES={','.join(sources)})")
+        off = refusal(body.source, self.settings.supported_model_sources)
+        if off:
+            raise Invalid("source", f"downloads from {LABELS[body.source]} are off on this server: {off}")
         name = body.name or body.repo_id
+        revision = body.revision or default_revision(body.source)
+        key = (body.source, body.repo_id, revision, caller.owner)
         with self._lock:
             for pull in self._pulls.values():
-                if (pull.repo_id, pull.revision, pull.owner, pull.state) == (body.repo_id, body.revision, caller.owner,
-                                                                             "running"):
+                if (pull.source, pull.repo_id, pull.revision, pull.owner) == key and pull.state == "running":
                     return pull
             with self.db.session() as session:
                 if name_taken(session, ModelEntry, caller.owner, name):
                     raise Conflict(f"you already have a model named {name!r}")
-            pull = Pull(new_id(), body.repo_id, body.revision, name, caller.owner)
+            pull = Pull(new_id(), body.repo_id, revision, name, caller.owner, body.source)
             self._pulls[pull.id] = pull
         env = {**engine_environment(self.settings, []), "HF_HUB_OFFLINE": "0"}
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        proc = subprocess.Popen([sys.executable, "-m", "usf_bios.models.hub", body.repo_id, body.revision],
+        proc = subprocess.Popen([sys.executable, "-m", "usf_bios.models.hub", "--source", body.source, body.repo_id,
+                                 revision],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
                                 cwd=self.layout.root, text=True, start_new_session=True)
         threading.Thread(target=self._follow, args=(pull, proc), name=f"usf-pull-{pull.id}", daemon=True).start()
@@ -106,7 +108,7 @@ class Pulls:
         with self.db.session() as session:
             if name_taken(session, ModelEntry, pull.owner, pull.name):
                 raise Conflict(f"a model named {pull.name!r} was registered while it downloaded")
-            row = ModelEntry(name=pull.name, source="huggingface", repo_id=pull.repo_id, owner_key_id=pull.owner,
+            row = ModelEntry(name=pull.name, source=pull.source, repo_id=pull.repo_id, owner_key_id=pull.owner,
                              **facts)
             session.add(row)
             session.commit()
@@ -120,10 +122,10 @@ class Pulls:
         return pull
 
     def public(self, pull: Pull) -> PullPublic:
-        done = cache_bytes(self.layout.hf_hub_cache, pull.repo_id)
+        done = cache_bytes(cache_dir(pull.source, self.layout), pull.repo_id, pull.source)
         if pull.state == "completed" and pull.total_bytes is not None:
             done = max(done, pull.total_bytes)
-        return PullPublic(id=pull.id, repo_id=pull.repo_id, revision=pull.revision, name=pull.name, status=pull.state,  # type: ignore[arg-type]
-                          files=pull.files, total_bytes=pull.total_bytes, bytes_done=done, error=pull.error,
-                          model=pull.model)
+        return PullPublic(id=pull.id, repo_id=pull.repo_id, source=pull.source, revision=pull.revision,  # type: ignore[arg-type]
+                          name=pull.name, status=pull.state, files=pull.files,  # type: ignore[arg-type]
+                          total_bytes=pull.total_bytes, bytes_done=done, error=pull.error, model=pull.model)
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from usf_bios.control import adopt, lifecycle
 from usf_bios.control.artifacts import record_artifact
@@ -97,8 +98,12 @@ class Scheduler:
                 log.exception("adopting job folders failed")
         with self.db.session() as session:
             for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created_at)).all():
-                self._follow(session, job)
-                session.commit()
+                try:
+                    self._follow(session, job)
+                    session.commit()
+                except StaleDataError:   # written meanwhile (a cancel): followed again, from that, next tick
+                    session.rollback()
+                    self._wake.set()
             self._start_queued(session)
 
     def executor(self, job: Job) -> Executor:
@@ -156,40 +161,58 @@ class Scheduler:
                 for name in self.executors}
         for job in queued:
             if job.executor not in self.executors:
-                lifecycle.mark_preparing(job)
-                lifecycle.mark_failed(job, f"the job asks for the {job.executor!r} executor, which this server has not "
-                                           f"configured (it has: {', '.join(self.executors)})")
-                session.commit()
+                self._refuse(session, job, f"the job asks for the {job.executor!r} executor, which this server has "
+                                           f"not configured (it has: {', '.join(self.executors)})")
                 continue
             offered = self.executor(job).resources()
             if job.num_gpus == 0:
                 if cpu_jobs[job.executor] >= offered.cpu_slots:
                     continue
                 gpu_ids: list[int] = []
-                cpu_jobs[job.executor] += 1
             else:
                 if job.num_gpus > offered.gpus:
-                    lifecycle.mark_preparing(job)
-                    lifecycle.mark_failed(job, f"the job needs {job.num_gpus} GPU(s); this host has {offered.gpus}")
-                    session.commit()
+                    self._refuse(session, job, f"the job needs {job.num_gpus} GPU(s); this host has {offered.gpus}")
                     continue
                 free = [i for i in range(offered.gpus) if i not in busy[job.executor]]
                 if len(free) < job.num_gpus:
                     continue
                 gpu_ids = free[:job.num_gpus]
+            if self._launch(session, job, gpu_ids):
                 busy[job.executor].update(gpu_ids)
-            self._launch(session, job, gpu_ids)
+                cpu_jobs[job.executor] += 0 if gpu_ids else 1
 
-    def _launch(self, session: Session, job: Job, gpu_ids: list[int]) -> None:
+    def _refuse(self, session: Session, job: Job, reason: str) -> None:
+        """A queued job that cannot run here fails (unless it was cancelled meanwhile: then that stands)."""
         lifecycle.mark_preparing(job)
-        session.commit()
+        lifecycle.mark_failed(job, reason)
+        try:
+            session.commit()
+        except StaleDataError:
+            session.rollback()
+
+    def _launch(self, session: Session, job: Job, gpu_ids: list[int]) -> bool:
+        """Claim the queued job and start it; False when it was no longer queued (cancelled meanwhile, or claimed
+        by another server on the same store): the row's version check refuses the stale claim."""
+        lifecycle.mark_preparing(job)
+        try:
+            session.commit()
+        except StaleDataError:
+            session.rollback()
+            return False
         executor = self.executor(job)
         try:
             handle = executor.start(job.id, gpu_ids)
         except OSError as err:
-            lifecycle.mark_failed(job, f"could not start the engine: {err}")
-            session.commit()
-            return
-        lifecycle.mark_running(job, handle, ",".join(map(str, gpu_ids)))
-        session.commit()
+            lifecycle.commit_change(session, job, lambda j: lifecycle.mark_failed(j, f"could not start the engine: {err}"))
+            return True
+        gpus = ",".join(map(str, gpu_ids))
+
+        def started(job: Job) -> None:
+            if job.status == JobStatus.PREPARING.value:
+                lifecycle.mark_running(job, handle, gpus)
+            else:   # asked to stop while it started: its handle is kept, so the next tick stops it
+                job.handle, job.gpu_ids = handle, gpus
+
+        lifecycle.commit_change(session, job, started)
         log.info("job %s started (%s, gpus [%s])", job.id, executor.describe(handle), job.gpu_ids)
+        return True

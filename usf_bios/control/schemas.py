@@ -90,6 +90,17 @@ class PlacementPublic(_Out):
     remote_job_id: str | None = None
 
 
+class VllmServingPublic(_Out):
+    """How to serve a completed job's adapter with vLLM (``vllm serve BASE --enable-lora --lora-modules NAME=PATH``),
+    or why vLLM's LoRA loader would refuse it."""
+
+    model: str = Field(description="The name the command serves the adapter as: the job's fine_tuned_model.")
+    compatible: bool
+    problems: list[str] = Field(description="What vLLM's loader would refuse in the adapter's files; empty when none.")
+    command: str | None = Field(description="The command, run on this server's host (the paths are this host's); "
+                                            "null when not compatible.")
+
+
 # --- keys -----------------------------------------------------------------------------------------------------
 
 class KeyCreate(BaseModel):
@@ -220,8 +231,11 @@ class ModelPublic(_Out):
 class PullCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    repo_id: str = Field(..., max_length=200, description="The model on the Hugging Face Hub: org/name.")
-    revision: str = Field("main", min_length=1, max_length=200, description="Branch, tag or commit.")
+    repo_id: str = Field(..., max_length=200, description="The model on the hub: org/name.")
+    source: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="The hub: the Hugging Face Hub, or ModelScope (the server needs usf-bios[modelscope]).")
+    revision: str | None = Field(None, min_length=1, max_length=200,
+                                 description="Branch, tag or commit (default: main; master on ModelScope).")
     name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME,
                              description="The registered model's name (default: the repo id).")
 
@@ -234,23 +248,26 @@ class PullCreate(BaseModel):
 
     @field_validator("revision")
     @classmethod
-    def _revision(cls, value: str) -> str:
+    def _revision(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*", value) or ".." in value:
             raise ValueError("must be a branch, tag or commit: letters, digits, '.', '_', '-' and '/'")
         return value
 
 
 class PullPublic(_Out):
-    """A download from the Hub the server runs; the model is registered once it is complete."""
+    """A download from a hub the server runs; the model is registered once it is complete."""
 
     id: str
     repo_id: str
+    source: Literal["huggingface", "modelscope"]
     revision: str
     name: str
     status: Literal["running", "completed", "failed"]
-    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the Hub has answered.")
+    files: int | None = Field(description="Files to fetch (config, tokenizer, weights), once the hub has answered.")
     total_bytes: int | None
-    bytes_done: int = Field(description="Bytes in the hub cache so far, partial files included.")
+    bytes_done: int = Field(description="Bytes in the source's cache so far, partial files included.")
     error: str | None
     model: ModelPublic | None = Field(description="The registered model, once completed.")
 
@@ -356,6 +373,10 @@ class EstimatePublic(_Out):
     gpu_type: str
     assumptions: str
     device: str = Field(description="The device the figures assume: 'the CPU', '1 × H100', …")
+    global_batch: int = Field(0, description="Rows one optimizer step trains on: batch_size × "
+                              "gradient_accumulation_steps × the job's ranks (GPUs, or num_processes on the CPU).")
+    strategy: str = Field("single", description="How the job's ranks split the work: single (one rank), ddp or fsdp "
+                          "(the base weights sharded: peak_vram_gb is one GPU's share), as the engine will choose.")
     warning: str | None = Field(None, description="What a submit of this spec would be refused for on this server "
                                                   "(e.g. a GPU asked for on a host without one); null when none.")
 

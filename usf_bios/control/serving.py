@@ -23,6 +23,7 @@ from usf_bios.control.errors import Invalid, NotFound
 from usf_bios.control.keys import Caller
 from usf_bios.control.models import find_model
 from usf_bios.control.tables import Job, ModelEntry
+from usf_bios.models.vllm_compat import check_adapter
 from usf_bios.status import JobStatus
 from usf_bios.storage import StorageLayout, confine
 
@@ -104,3 +105,24 @@ def resolve_served(*, session: Session, caller: Caller, layout: StorageLayout, r
     return ServedModel(name=ref, base_path=str(spec.get("base_model")), adapter_path=str(folder),
                        quantization=str(hyper.get("quantization", "none")),
                        trust_remote_code=bool(spec.get("trust_remote_code", False)))
+
+
+@dataclass(frozen=True)
+class VllmServing:
+    """How a completed job's adapter is served by vLLM: the command, or why vLLM's loader would refuse it."""
+
+    model: str
+    compatible: bool
+    problems: list[str]
+    command: str | None
+
+
+def vllm_serving(*, session: Session, caller: Caller, layout: StorageLayout, job: Job) -> VllmServing:
+    """The ``vllm serve … --enable-lora --lora-modules NAME=PATH`` line for the job's adapter (NAME: its
+    ``fine_tuned_model``), checked against what vLLM's LoRA loader requires (models/vllm_compat.py)."""
+    served = resolve_served(session=session, caller=caller, layout=layout, ref=f"ft:{job.id}")
+    assert served.adapter_path is not None
+    check = check_adapter(Path(served.adapter_path))
+    name = fine_tuned_name(job, base_name_of(session, job))
+    command = check.command(served.base_path, name, served.adapter_path, served.quantization) if check.compatible else None
+    return VllmServing(model=name, compatible=check.compatible, problems=check.problems, command=command)

@@ -119,6 +119,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # bumped by every UPDATE; a write from a session that read an older version fails (StaleDataError) instead of
+    # overwriting what another writer committed meanwhile (lifecycle.commit_change, the scheduler)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+
+    __mapper_args__ = {"version_id_col": version}
 
     @property
     def progress(self) -> float:

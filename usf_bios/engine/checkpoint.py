@@ -103,6 +103,16 @@ class TrainerState:
     data_sha256: str = ""
     spec_fingerprint: str = ""
     world_size: int = 1          # ranks the job ran on: the data order per step depends on it
+    strategy: str = ""           # 'fsdp' when saved under FSDP2 (its optimizer state is keyed by parameter name)
+
+
+@dataclass(frozen=True)
+class SavedTraining:
+    """What FSDP2's ranks gathered onto rank 0 for a checkpoint: the adapter's full tensors and the optimizer's
+    full state (``engine/fsdp.py``); without it the model and optimizer are whole in this process."""
+
+    adapter: dict[str, Any]
+    optimizer: dict[str, Any]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,8 +142,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: TrainerState, keep: int) -> Path:
-    """Write ``folder/checkpoint-{step}`` atomically and prune to the newest ``keep``.
+                    state: TrainerState, keep: int, gathered: SavedTraining | None = None) -> Path:
+    """Write ``folder/checkpoint-{step}`` atomically and prune to the newest ``keep``; under FSDP2 the adapter and
+    the optimizer state are those ``gathered`` onto this rank.
 
     Raises CheckpointSpaceError, with nothing of this checkpoint left on disk, when the disk lacks the room.
     """
@@ -148,8 +159,9 @@ def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
                                    folder=folder)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (peft writes only the adapter)
-        _save_tensor_file(optimizer.state_dict(), tmp / "optimizer.pt")
+        # adapter_config.json + adapter_model.safetensors (peft writes only the adapter)
+        model.save_pretrained(tmp, **({"state_dict": gathered.adapter} if gathered else {}))
+        _save_tensor_file(gathered.optimizer if gathered else optimizer.state_dict(), tmp / "optimizer.pt")
         _save_tensor_file(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_tensor_file(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -196,9 +208,8 @@ def read_state(checkpoint: Path) -> TrainerState:
     return TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-def restore_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Load adapter weights, optimizer, scheduler and RNG states; call after the model is built."""
-    import torch
+def restore_adapter(checkpoint: Path, model: Any) -> None:
+    """Load the checkpoint's adapter weights into the (unsharded) model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -207,7 +218,23 @@ def restore_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Opti
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{checkpoint} does not match this model's adapter: unexpected {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+
+
+def restore_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       sharded: bool = False) -> TrainerState:
+    """Load adapter weights, optimizer, scheduler and RNG states; call after the model is built. ``sharded``
+    (FSDP2): the adapter was restored before sharding (``restore_adapter``) and the saved full optimizer state is
+    sharded onto this rank's parameters."""
+    import torch
+
+    if sharded:
+        from usf_bios.engine.fsdp import load_optimizer
+
+        load_optimizer(model, optimizer, torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    else:
+        restore_adapter(checkpoint, model)
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=True))
     return read_state(checkpoint)

@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from usf_bios.engine.checkpoint import TrainerState, save_checkpoint
+from usf_bios.engine.checkpoint import SavedTraining, TrainerState, save_checkpoint
 from usf_bios.engine.data import Batch, TrainingData
-from usf_bios.engine.distributed import World, all_sum, any_rank
+from usf_bios.engine.distributed import World, all_sum, any_rank, no_sync
+from usf_bios.engine.fsdp import full_value, gather_adapter, gather_optimizer
 from usf_bios.engine.events import CheckpointEvent, EvalEvent, EventLog, MetricEvent
 from usf_bios.engine.loss import loss_sum
 from usf_bios.engine.model import Placement
@@ -52,11 +53,15 @@ class TrainingRun:
     show_progress: bool = False
     after_step: Callable[[int], None] | None = None   # called with the step number (the profiler steps with it)
     world: World = World()
-    ddp: Any = None   # the DDP-wrapped loss module when the job runs on several ranks (engine/distributed.py)
+    ddp: Any = None   # the DDP- or FSDP2-wrapped loss module when the job runs on several ranks (engine/distributed.py)
+    sharded: bool = False   # FSDP2 (engine/fsdp.py): every rank evaluates and gathers the checkpoints with rank 0
 
 
 def batch_loss(run: TrainingRun, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over the batch's trained tokens, the way the speed plan computes it."""
+    """Summed cross-entropy over the batch's trained tokens, the way the speed plan computes it (under FSDP2 through
+    the sharded root, which gathers the parameters)."""
+    if run.sharded:
+        return run.ddp(batch)
     return loss_sum(run.model, batch, loss=run.plan.loss, attention=run.plan.attention)
 
 
@@ -190,9 +195,8 @@ def train(run: TrainingRun) -> JobStatus:
         while state.step < state.total_steps:
             if any_rank(run.should_stop(), world, device):   # every rank stops at the same step
                 settle()
-                if state.step > 0 and world.is_main:
-                    path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
-                    events.emit(CheckpointEvent(step=state.step, path=str(path)))
+                if state.step > 0:
+                    checkpoint(run)
                 events.log(f"stop requested: stopping at step {state.step}")
                 return JobStatus.CANCELLED
             with torch.profiler.record_function("usf.next_micro_batches"):
@@ -205,7 +209,7 @@ def train(run: TrainingRun) -> JobStatus:
             for index, batch in enumerate(mine):
                 batch = batch.to(device)
                 last = index == len(mine) - 1
-                with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+                with contextlib.nullcontext() if run.ddp is None or last else no_sync(run.ddp):
                     with autocast(run.placement):
                         summed = batch_loss(run, batch) if run.ddp is None else run.ddp(batch)
                         loss = summed * (weight / max(step_tokens, 1))
@@ -217,7 +221,7 @@ def train(run: TrainingRun) -> JobStatus:
             all_sum(step_loss, world)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm_tensor = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
+            grad_norm_tensor = full_value(torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm))
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -236,9 +240,9 @@ def train(run: TrainingRun) -> JobStatus:
             pending, step_start = queued, queued.ended
             if run.after_step is not None:
                 run.after_step(state.step)
-            evaluating = (bool(run.data.val_rows) and world.is_main
+            evaluating = (bool(run.data.val_rows) and (world.is_main or run.sharded)
                           and (state.step % hp.eval_steps == 0 or state.step == state.total_steps))
-            saving = state.step % hp.save_steps == 0 and state.step < state.total_steps and world.is_main
+            saving = state.step % hp.save_steps == 0 and state.step < state.total_steps
             if evaluating or saving or state.step == state.total_steps:
                 settle()
             if evaluating:
@@ -249,12 +253,23 @@ def train(run: TrainingRun) -> JobStatus:
                     events.log(f"step {state.step} validation_loss {validation_loss:.4f}")
                 events.stage("training", total_steps=state.total_steps)
             if saving:
-                path = save_checkpoint(run.checkpoint_dir, model, optimizer, scheduler, state, hp.save_total_limit)
-                events.emit(CheckpointEvent(step=state.step, path=str(path)))
+                checkpoint(run)
             if evaluating or saving:
                 step_start = clock.mark()   # the next step's time leaves the evaluation and the checkpoint out
         settle()
     return JobStatus.COMPLETED
+
+
+def checkpoint(run: TrainingRun) -> None:
+    """Rank 0 writes a checkpoint of where the run stands; under FSDP2 every rank first gathers its shards of the
+    adapter and the optimizer state onto rank 0 (the other ranks of a DDP job have nothing to do)."""
+    gathered = None
+    if run.sharded:
+        gathered = SavedTraining(adapter=gather_adapter(run.model), optimizer=gather_optimizer(run.model, run.optimizer))
+    if run.world.is_main:
+        path = save_checkpoint(run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.state,
+                               run.hp.save_total_limit, gathered)
+        run.events.emit(CheckpointEvent(step=run.state.step, path=str(path)))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, plan: SpeedPlan) -> torch.optim.Optimizer:

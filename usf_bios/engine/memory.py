@@ -2,7 +2,8 @@
 CUDA allocator's mode.
 
 ``build_model`` plans recomputation, merged passes and offload with these functions; the job estimate
-(``control/estimate.py``) calls ``activation_estimate`` for the same figures before a job runs.
+(``control/estimate.py``) calls ``peak_memory`` (and through it ``activation_estimate``) for the same figures before
+a job runs, and the engine asks ``peak_memory`` whether a job of several GPUs fits one (``strategy: auto``).
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from usf_bios.engine.plan import SpeedPlanError
 
+if TYPE_CHECKING:
+    from usf_bios.spec import JobSpec
+
 HEADROOM_BYTES = 3 * 2**30        # kept free for the loss slices, the optimizer and the allocator's slack
 ALLOCATOR_SETTING = "expandable_segments:True"
 ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 ACTIVATION_SLACK = 1.25           # activation_bytes_per_token's margin over its own count
+BITS_PER_QUANTIZED_WEIGHT = {"4bit": 4.13, "8bit": 8.13}   # NF4 / int8 plus their (double-quantized) scales
 
 
 def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
@@ -162,3 +167,76 @@ def activation_estimate(config: Any, *, checkpointing: str, merge: bool, micro_b
         k = layers_to_recompute(layers, tokens, planned, hidden * dtype_bytes, free_bytes)
         kept = (layers - k) * one_layer + k * layer_input + (one_layer if k else 0)
     return ActivationEstimate(tokens, kept, k / max(layers, 1))
+
+
+def lora_parameter_count(config: dict, r: int, target_modules: str | list[str]) -> int:
+    """LoRA weights (A and B) on the attention and MLP projections of a decoder."""
+    h = int(config.get("hidden_size", 0))
+    inter = int(config.get("intermediate_size", 4 * h))
+    heads = int(config.get("num_attention_heads", 1))
+    kv_heads = int(config.get("num_key_value_heads", heads))
+    head_dim = int(config.get("head_dim") or h // max(heads, 1))
+    kv = kv_heads * head_dim
+    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (heads * head_dim, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    names = shapes if target_modules == "all-linear" else [m for m in target_modules if m in shapes]
+    per_layer = sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+    return per_layer * int(config.get("num_hidden_layers", 0))
+
+
+def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of one slice of Liger's fused linear cross-entropy (what ``loss: auto`` picks on a GPU with
+    liger-kernel): the power of two at or above tokens ÷ ⌈vocab ÷ hidden⌉, so its slices grow with the pass (bf16
+    logits with their gradient written in place, counted here as 4 bytes each with the fp32 reductions)."""
+    slices = max(1, math.ceil(vocab / max(hidden, 1)))
+    return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / slices)))))
+
+
+def peak_memory(spec: "JobSpec", config: dict, parameters: int, lora: int, gpu_bytes: float,
+                shards: int = 1) -> tuple[dict[str, float], float]:
+    """One GPU's peak memory for the job, in parts (GiB), and the share of decoder layers that will recompute:
+    the job estimate's figure, and the engine's test whether a model fits one GPU (``strategy: auto``).
+    ``config`` is the model's config.json, ``parameters`` its weights, ``lora`` the adapter's
+    (``lora_parameter_count``), ``gpu_bytes`` the card's memory, ``shards`` the ranks FSDP spreads the base weights
+    over (1: each GPU holds them whole). Raises SpeedPlanError where the engine would refuse the job's speed
+    switches on a GPU host."""
+    from types import SimpleNamespace
+
+    from usf_bios.engine.loss import CHUNK_ELEMENTS
+    from usf_bios.engine.plan import plan_for
+
+    hp = spec.hyperparameters
+    gib = 2**30
+    h = int(config.get("hidden_size", 0))
+    vocab = int(config.get("vocab_size", 0))
+    tokens = hp.batch_size * hp.max_seq_length
+    shape = SimpleNamespace(hidden_size=h, intermediate_size=int(config.get("intermediate_size", 4 * h)),
+                            num_hidden_layers=int(config.get("num_hidden_layers", 0)),
+                            num_attention_heads=int(config.get("num_attention_heads", 1)),
+                            num_key_value_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"))
+    plan = plan_for(spec.performance, hp, cuda=True, liger=True)   # a GPU host with the [gpu] extra
+    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    if hp.quantization == "none":
+        weights = parameters * 2
+    else:
+        weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
+    weights /= shards
+    lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
+    free = gpu_bytes - weights - lora_bytes
+    kept = activation_estimate(shape, checkpointing=plan.checkpointing, merge=plan.merge_micro_batches,
+                               micro_batch_tokens=tokens, step_tokens=tokens * hp.gradient_accumulation_steps,
+                               free_bytes=int(free), lora_dropout=hp.lora_dropout, fused_lora=plan.fused_lora)
+    activations, tokens = kept.bytes, kept.tokens_per_pass
+    if plan.loss == "full":
+        logit_rows, logit_bytes = tokens, 8
+    elif plan.loss == "fused":
+        logit_rows, logit_bytes = fused_loss_rows(tokens, vocab, h), 4
+    else:
+        logit_rows, logit_bytes = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1))), 6
+    return {
+        "weights": round(weights / gib, 3),
+        "lora_and_optimizer": round(lora_bytes / gib, 3),
+        "activations": round(activations / gib, 3),
+        "logits": round(logit_rows * vocab * logit_bytes / gib, 3),
+        "cuda_overhead": round(min(HEADROOM_BYTES, 2**28 + weights // 100) / gib, 3),
+    }, kept.recomputed_share

@@ -42,15 +42,16 @@ class Placement:
 
 
 def device_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the engine refuses on any machine, as (field path, reason): more than one GPU, and fp16 or a
-    quantized model on the CPU. ``choose_placement`` raises the first; the server refuses a submit or an estimate
-    with them before anything runs."""
+    """What the engine refuses on any machine, as (field path, reason): fp16 or a quantized model on the CPU.
+    ``choose_placement`` raises the first; the server refuses a submit or an estimate with them before anything
+    runs. (Several GPUs are a job of several ranks: the local executor starts it under torchrun.)"""
     hp, gpus = spec.hyperparameters, spec.gpu_config.num_gpus
     problems = []
-    if gpus > 1:   # the engine runs under torchrun (engine/distributed.py); the executors do not start it yet
-        problems.append(("gpu_config.num_gpus", f"{gpus} GPUs: one job trains on one GPU for now; set num_gpus: 1"))
     if gpus == 0 and hp.precision == "fp16":
         problems.append(("hyperparameters.precision", "fp16 needs a CUDA GPU; use fp32 (or bf16) on the CPU"))
+    if spec.gpu_config.strategy == "fsdp" and hp.quantization == "8bit" and spec.gpu_config.world_size > 1:
+        problems.append(("gpu_config.strategy", "FSDP2 cannot shard 8-bit (int8) weights; use quantization: 4bit "
+                                                "(QLoRA with FSDP) or strategy: ddp"))
     if gpus == 0 and hp.quantization != "none":
         problems.append(("hyperparameters.quantization", f"{hp.quantization} needs a CUDA GPU (bitsandbytes); "
                                                          "set quantization: none to train on the CPU"))
@@ -101,17 +102,24 @@ def load_tokenizer(model: ResolvedModel, trust_remote_code: bool) -> Any:
     return tokenizer
 
 
-def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+def _quantization_config(quantization: str, compute_dtype: torch.dtype, sharded: bool = False) -> Any:
+    """bitsandbytes' settings; ``sharded`` (QLoRA with FSDP, as bitsandbytes and peft document it): the packed
+    4-bit weights are stored in the compute dtype (``bnb_4bit_quant_storage``), a float type FSDP can shard with
+    the model's other weights."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if sharded else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, config: dict) -> Any:
-    """The frozen base model on its device; ``config`` is what ``check_model_folder`` returned."""
+def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, config: dict,
+                    sharded: bool = False) -> Any:
+    """The frozen base model on its device; ``config`` is what ``check_model_folder`` returned. ``sharded`` (FSDP2):
+    an unquantized model stays in host memory, and ``engine.fsdp.shard`` moves each rank's shard to its GPU; a 4-bit
+    one is quantized on the rank's GPU, whole, before it is sharded."""
     from transformers import AutoModelForCausalLM
 
     if needs_remote_code(config) and not spec.trust_remote_code:
@@ -123,10 +131,10 @@ def load_base_model(model: ResolvedModel, spec: JobSpec, placement: Placement, c
                                   local_files_only=True, attn_implementation="sdpa",
                                   use_safetensors=bool(safetensors), weights_only=True)
     if hp.quantization != "none":
-        kwargs["quantization_config"] = _quantization_config(hp.quantization, placement.dtype)
+        kwargs["quantization_config"] = _quantization_config(hp.quantization, placement.dtype, sharded)
         kwargs["device_map"] = {"": placement.device.index or 0}
     base = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
-    if hp.quantization == "none":
+    if hp.quantization == "none" and not sharded:
         base.to(placement.device)
     base.config.use_cache = False
     return base

@@ -51,10 +51,11 @@ tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 
 
 def write_outputs(folder: Path, model: Any, tokenizer: Any, spec: JobSpec, base_path: Path, events_path: Path,
-                  facts: dict[str, Any]) -> None:
-    """Adapter, tokenizer, training_args.json, training_log.json and README.md (job.yaml is already there)."""
+                  facts: dict[str, Any], adapter: dict[str, Any] | None = None) -> None:
+    """Adapter, tokenizer, training_args.json, training_log.json and README.md (job.yaml is already there);
+    ``adapter``: the adapter's full tensors when the model is sharded (FSDP2)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"state_dict": adapter} if adapter is not None else {}))
     tokenizer.save_pretrained(folder)
     points = training_log(read_events(events_path)[0])
     args = {**spec.hyperparameters.model_dump(mode="json"), "base_model": spec.base_model,

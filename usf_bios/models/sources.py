@@ -39,8 +39,24 @@ def huggingface_snapshot(hub_cache: Path, repo_id: str) -> Path | None:
     return folders[-1] if folders else None
 
 
+def modelscope_snapshot(cache: Path, repo_id: str) -> Path | None:
+    """The snapshot folder of ``org/name`` in the ModelScope SDK's cache layout since 1.38,
+    ``{cache}/models/{org}--{name}/snapshots/{revision}`` (master first, else the newest with a config.json)."""
+    snapshots = cache / "models" / repo_id.replace("/", "--", 1) / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    if (snapshots / "master" / "config.json").is_file():
+        return snapshots / "master"
+    folders = sorted((p for p in snapshots.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+    return folders[-1] if folders else None
+
+
 def modelscope_folder(cache: Path, repo_id: str) -> Path | None:
-    """``org/name`` in a ModelScope cache (both the newer models/ layout and the older flat one)."""
+    """``org/name`` in a ModelScope cache: the snapshot layout (what ``models pull --source modelscope`` writes),
+    else the older SDKs' ``models/{org}/{name}`` layouts (a '.' in the name spelled '___')."""
+    snapshot = modelscope_snapshot(cache, repo_id)
+    if snapshot is not None:
+        return snapshot
     org, _, name = repo_id.partition("/")
     for base in (cache / "models", cache / "hub" / "models", cache, cache / "hub"):
         for spelled in (name, name.replace(".", "___")):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from usf_bios.datasets.formats import FORMATS
+from usf_bios.models.hub import LABELS, SOURCES, default_revision, refusal
 from usf_bios.presets import DEFAULT_PRESET
 from usf_bios.web.forms import form_presets, job_form
 from usf_bios.web.render import render_page
@@ -61,9 +62,11 @@ def dataset(request: Request, ref: str) -> HTMLResponse:
 
 @router.get("/models", response_class=HTMLResponse)
 def models(request: Request) -> HTMLResponse:
-    hub = "huggingface" in request.app.state.settings.supported_model_sources
-    return render_page(request, "models.html", "models", "Models", hub_enabled=hub,
-                       sources=",".join(request.app.state.settings.supported_model_sources))
+    enabled = request.app.state.settings.supported_model_sources
+    hubs = [{"source": s, "label": LABELS[s], "revision": default_revision(s), "off": refusal(s, enabled)}
+            for s in SOURCES]
+    return render_page(request, "models.html", "models", "Models", hubs=hubs,
+                       hub_enabled=any(h["off"] is None for h in hubs))
 
 
 @router.get("/compare", response_class=HTMLResponse)

@@ -150,10 +150,12 @@ class WorkerService:
             return
         job = session.get(Job, sub.id)
         if job is not None and job.status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-            lifecycle.requeue(job, reset_attempts=True)
-            job.error = None
-            sub.callback_status = None
-            session.commit()
+            def again(job: Job) -> None:
+                lifecycle.requeue(job, reset_attempts=True)
+                job.error = None
+                sub.callback_status = None
+
+            lifecycle.commit_change(session, job, again)
             log.info("job %s submitted again: it continues from its newest checkpoint", sub.id)
             self.scheduler.wake()
 
@@ -258,13 +260,9 @@ class WorkerService:
             elif sub.state == "accepted":
                 job = session.get(Job, external_id)
                 try:
-                    if job.status == JobStatus.QUEUED.value:
-                        lifecycle.mark_cancelled(job)
-                    elif job.status != JobStatus.CANCELLING.value:
-                        lifecycle.mark_cancelling(job)
+                    lifecycle.commit_change(session, job, lifecycle.request_cancel)
                 except InvalidTransition as err:
                     raise Conflict(str(err)) from None
-                session.commit()
                 self.scheduler.wake()
         return self.status(external_id)
 

@@ -12,11 +12,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from usf_bios.api.deps import CurrentCaller, LayoutDep, SessionDep, SettingsDep, get_ws_caller
 from usf_bios.api.feeds import follow_job
 from usf_bios.api.tarstream import tar_stream
-from usf_bios.control import jobs
+from usf_bios.control import jobs, serving
 from usf_bios.control.errors import DomainError, NotFound
 from usf_bios.control.lifecycle import JobStatus
 from usf_bios.control.schemas import (CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, MetricPointPublic,
-                                      PlacementPublic)
+                                      PlacementPublic, VllmServingPublic)
 from usf_bios.control.tables import Job
 from usf_bios.control.token_lengths import token_lengths_future
 from usf_bios.spec import JobSpec
@@ -139,6 +139,18 @@ def download(job_id: str, caller: CurrentCaller, session: SessionDep, layout: La
 
 
 # -- live events ---------------------------------------------------------------------------------------
+@router.get("/jobs/{job_id}/vllm", response_model=VllmServingPublic,
+            responses={409: {"description": "the job has not completed: its adapter does not exist yet"}})
+def vllm(job_id: str, caller: CurrentCaller, session: SessionDep, layout: LayoutDep) -> VllmServingPublic:
+    """The `vllm serve` command that serves the job's adapter on its base model, checked against what vLLM's LoRA
+    loader requires (the config fields, the target modules, no modules_to_save, no DoRA)."""
+    job = jobs.get_job(session=session, caller=caller, job_id=job_id)
+    jobs.adapter_folder(layout=layout, job=job)     # Conflict until it completed
+    answer = serving.vllm_serving(session=session, caller=caller, layout=layout, job=job)
+    return VllmServingPublic(model=answer.model, compatible=answer.compatible, problems=answer.problems,
+                             command=answer.command)
+
+
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}})
 def events(job_id: str, request: Request, caller: CurrentCaller, session: SessionDep,

@@ -25,10 +25,11 @@ def scan(caller: CurrentCaller, session: SessionDep, layout: LayoutDep, settings
 
 @router.post("/models/pull", status_code=status.HTTP_202_ACCEPTED, response_model=PullPublic)
 def pull(body: PullCreate, request: Request, caller: AdminCaller) -> PullPublic:
-    """Download a model from the Hugging Face Hub into the hub cache (admin; `huggingface` in
-    SUPPORTED_MODEL_SOURCES): config, tokenizer and weights, safetensors preferred; HF_TOKEN and HF_ENDPOINT of the
-    server. Registered once complete; follow it with GET /models/pulls/{id}. The same repo and revision under way
-    answers with that pull."""
+    """Download a model from the Hugging Face Hub into the hub cache, or with source `modelscope` from ModelScope
+    into MODELSCOPE_CACHE (admin; the source in SUPPORTED_MODEL_SOURCES, and for ModelScope its SDK installed):
+    config, tokenizer and weights, safetensors preferred; the server's HF_TOKEN / MODELSCOPE_API_TOKEN and
+    HF_ENDPOINT / MODELSCOPE_ENDPOINT. Registered once complete; follow it with GET /models/pulls/{id}. The same
+    source, repo and revision under way answers with that pull."""
     pulls = request.app.state.pulls
     return pulls.public(pulls.start(caller, body))
 

@@ -131,6 +131,27 @@ function showStatus(state) {
     : "The adapter is written when the job completes.");
   root.dataset.status = state.status;
   showPlacement();
+  if (completed) showVllm();
+}
+
+// the `vllm serve` line for the adapter, or why vLLM's LoRA loader would refuse it (asked once, when completed)
+let vllmAsked = false;
+async function showVllm() {
+  if (vllmAsked) return;
+  vllmAsked = true;
+  let answer;
+  try {
+    answer = await api(`${base}/vllm`);
+  } catch {
+    vllmAsked = false;   // asked again at the next status
+    return;
+  }
+  const box = document.getElementById("vllm");
+  box.hidden = false;
+  document.getElementById("copy-vllm").hidden = !answer.compatible;
+  document.querySelector("#vllm-command code").textContent = answer.compatible
+    ? answer.command
+    : `# vLLM's LoRA loader would refuse this adapter:\n${answer.problems.map((p) => `# - ${p}`).join("\n")}`;
 }
 
 // where the job runs (local process, worker, RunPod) and what a remote side last said
@@ -299,6 +320,8 @@ document.getElementById("delete-job").addEventListener("click", (e) => remove(e.
 document.getElementById("resume-job").addEventListener("click", (e) => change("resume", e.currentTarget));
 document.getElementById("copy-snippet").addEventListener("click", (e) =>
   copyText(document.querySelector("#snippet code").textContent, e.currentTarget));
+document.getElementById("copy-vllm").addEventListener("click", (e) =>
+  copyText(document.querySelector("#vllm-command code").textContent, e.currentTarget));
 
 // A link downloads as it streams; with a key the request needs its header, so fetch it instead.
 document.getElementById("download-adapter").addEventListener("click", async (event) => {

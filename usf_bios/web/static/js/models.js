@@ -89,7 +89,7 @@ document.getElementById("scan-models").addEventListener("click", async (event) =
   }
 });
 
-// Download from the Hugging Face Hub: start a pull, then show its bytes until the model is registered.
+// Download from the Hugging Face Hub or ModelScope: start a pull, then show its bytes until the model is registered.
 const pullForm = document.getElementById("pull-form");
 const megabytes = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
@@ -101,7 +101,7 @@ async function followPull(pull) {
     bar.max = pull.total_bytes || 1;
     bar.value = Math.min(pull.bytes_done, bar.max);
     text.textContent = pull.total_bytes === null
-      ? `Asking the Hub about ${pull.repo_id}…`
+      ? `Asking the hub about ${pull.repo_id}…`
       : `${pull.repo_id}: ${megabytes(pull.bytes_done)} of ${megabytes(pull.total_bytes)} (${pull.files} files)`;
     if (pull.status !== "running") return pull;
     await new Promise((resolve) => setTimeout(resolve, 500));
@@ -110,6 +110,10 @@ async function followPull(pull) {
 }
 
 if (pullForm) {
+  const source = document.getElementById("pull-source");
+  source.addEventListener("change", () => {
+    document.getElementById("pull-revision").placeholder = source.selectedOptions[0].dataset.revision;
+  });
   pullForm.addEventListener("submit", async (event) => {
     event.preventDefault();
     const repo = document.getElementById("pull-repo");
@@ -120,7 +124,9 @@ if (pullForm) {
       document.getElementById(id).removeAttribute("aria-invalid");
       document.getElementById(`${id}-error`).textContent = "";
     }
-    const body = { repo_id: repo.value.trim(), revision: document.getElementById("pull-revision").value.trim() || "main" };
+    const body = { repo_id: repo.value.trim(), source: source.value };
+    const revision = document.getElementById("pull-revision").value.trim();
+    if (revision) body.revision = revision;
     if (!body.repo_id) {
       repo.setAttribute("aria-invalid", "true");
       document.getElementById("pull-repo-error").textContent = "required";

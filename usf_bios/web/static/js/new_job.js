@@ -165,6 +165,9 @@ function showEstimate(estimate) {
   const cost = estimate.cost > 0 && estimate.cost < 0.01 ? "< $0.01" : `$${estimate.cost.toFixed(2)}`;
   set("est-cost", estimate.price_per_gpu_hour ? `${cost} at $${estimate.price_per_gpu_hour}/GPU-h` : "$0.00");
   set("est-steps", estimate.steps.toLocaleString());
+  // rows per optimizer step: batch_size × gradient_accumulation_steps × ranks (GPUs, or CPU processes)
+  set("est-batch", estimate.strategy === "single" ? `${estimate.global_batch} rows`
+    : `${estimate.global_batch} rows (${estimate.strategy.toUpperCase()})`);
   set("est-tokens", formatCount(estimate.trained_tokens));
   set("est-lora", formatCount(estimate.lora_parameters));
   set("est-assumptions", estimate.assumptions || "");
