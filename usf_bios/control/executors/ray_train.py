@@ -34,6 +34,10 @@ from usf_bios.settings import get_settings
 from usf_bios.storage import StorageLayout
 
 PR_SET_PDEATHSIG = 1
+try:   # resolved here, not in the forked child: a Ray worker has many threads, the child only calls it
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):   # not Linux
+    _prctl = None
 
 
 def stop_file(layout: StorageLayout, job_id: str) -> Path:
@@ -41,11 +45,10 @@ def stop_file(layout: StorageLayout, job_id: str) -> Path:
 
 
 def _die_with_parent() -> None:
-    """In the engine process before exec: SIGKILL when the Ray worker that started it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    """In the engine process before exec: SIGKILL when the Ray worker's thread that started it ends (Linux's
+    PR_SET_PDEATHSIG), so no engine outlives its Ray Train worker."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _free_port() -> int:
@@ -112,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # this module by its name, not __main__: the workers import it, rather than get run_rank (and its globals) pickled
+    from usf_bios.control.executors.ray_train import run_rank as rank
+
     ray.init(log_to_driver=False)
     trainer = TorchTrainer(
-        run_rank, train_loop_config={"job_id": job_id},
+        rank, train_loop_config={"job_id": job_id},
         scaling_config=ScalingConfig(**scaling(spec, dict(settings.ray_resources))),
         # Ray Train's process group only tells the ranks the engine's rendezvous: gloo, also on GPUs
         torch_config=TorchConfig(backend="gloo", timeout_s=int(settings.dist_timeout_s)),
