@@ -43,10 +43,21 @@ class Settings(BaseSettings):
     max_json_kb: int = Field(1024, ge=1, le=1_048_576, validation_alias="USF_MAX_JSON_KB",
                              description="Largest JSON request body (413 past it, before it is read whole).")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
-    executor: Literal["local", "remote"] = Field(
+    executor: Literal["local", "remote", "ray"] = Field(
         "local", validation_alias="USF_EXECUTOR",
-        description="Where jobs run unless their gpu_config.executor names one: local (a process on this host) or "
-                    "remote (the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL).")
+        description="Where jobs run unless their gpu_config.executor names one: local (a process on this host), "
+                    "remote (the GPU worker or RunPod endpoint at GPU_CLUSTER_API_URL) or ray (the Ray cluster at "
+                    "RAY_ADDRESS; needs `pip install 'usf-bios[ray]'`).")
+    ray_address: str | None = Field(
+        None, validation_alias="RAY_ADDRESS",
+        description="The Ray cluster of the ray executor, as Ray itself reads RAY_ADDRESS: the head's GCS address "
+                    "host:6379 (as `ray start --head` prints it), its dashboard http://host:8265 (KubeRay's head "
+                    "service), or ray://host:10001; unset: a cluster on this host. Every node must mount USF_HOME "
+                    "at the same path (a shared volume).")
+    ray_resources: dict[str, float] = Field(
+        {}, validation_alias="USF_RAY_RESOURCES",
+        description='Extra Ray resources (JSON) each job of the ray executor asks for, on top of its GPUs and one '
+                    'CPU per rank, e.g. {"usf-train": 1}: a custom resource only the nodes meant for training offer.')
     gpu_cluster_api_url: str | None = Field(
         None, validation_alias="GPU_CLUSTER_API_URL",
         description="The remote GPU worker (`usf-bios worker`) or a RunPod endpoint (https://api.runpod.ai/v2/ID) "
@@ -75,8 +86,9 @@ class Settings(BaseSettings):
     remote_poll_s: float = Field(10.0, gt=0, le=3600, validation_alias="USF_REMOTE_POLL_S",
                                  description="Seconds between two status polls of a remote job (callbacks wake it sooner).")
     remote_timeout_s: float = Field(120.0, gt=0, validation_alias="USF_REMOTE_TIMEOUT_S",
-                                    description="A remote job whose worker does not answer this long is interrupted "
-                                                "(then submitted again, up to USF_MAX_ATTEMPTS).")
+                                    description="A remote job whose worker (or a Ray job whose cluster) does not "
+                                                "answer this long is interrupted (then submitted again, up to "
+                                                "USF_MAX_ATTEMPTS).")
     worker_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         (), validation_alias="USF_WORKER_ALLOWED_HOSTS",
         description="Host names (comma-separated) the worker may fetch datasets from although they resolve to "

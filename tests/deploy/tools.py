@@ -91,10 +91,18 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+# KubeRay's RayCluster is no Kubernetes kind: its schema (the fields deploy/k8s/ray uses) is carried here.
+RAYCLUSTER_SCHEMA = Path(__file__).with_name("raycluster.schema.json")
+
+
 def validate(resource: dict[str, Any], version: str = KUBERNETES_VERSION) -> None:
     """Strict schema validation (unknown fields rejected) for that Kubernetes version; an unknown
-    kind or apiVersion is an error too, not a warning as in kubernetes-validate's command line."""
+    kind or apiVersion is an error too, not a warning as in kubernetes-validate's command line. A RayCluster
+    is checked against the KubeRay schema the tests carry, and each of its pod templates as a Kubernetes one."""
     name = f"{resource.get('kind')}/{(resource.get('metadata') or {}).get('name')}"
+    if str(resource.get("apiVersion", "")).startswith("ray.io/"):
+        validate_raycluster(resource, name, version)
+        return
     try:
         kubernetes_validate.validate(resource, version, strict=True)
     except kubernetes_validate.ValidationError as err:
@@ -102,6 +110,26 @@ def validate(resource: dict[str, Any], version: str = KUBERNETES_VERSION) -> Non
         raise ManifestError(f"{name}: {path}: {err.message}") from None
     except SchemaNotFoundError as err:
         raise ManifestError(f"{name}: {err.message}") from None
+
+
+def validate_raycluster(resource: dict[str, Any], name: str, version: str) -> None:
+    import jsonschema
+
+    schema = json.loads(RAYCLUSTER_SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(resource), key=lambda e: list(e.path))
+    if errors:
+        path = ".".join(str(p) for p in errors[0].path)
+        raise ManifestError(f"{name}: {path}: {errors[0].message}")
+    spec = resource["spec"]
+    groups = [("headGroupSpec", spec["headGroupSpec"])]
+    groups += [(f"workerGroupSpecs.{i}", group) for i, group in enumerate(spec.get("workerGroupSpecs", []))]
+    for where, group in groups:
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "template"},
+                    "template": group["template"]}
+        try:
+            validate(template, version)
+        except ManifestError as err:
+            raise ManifestError(f"{name}: spec.{where}.{str(err).split(': ', 1)[1]}") from None
 
 
 def by_kind(resources: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

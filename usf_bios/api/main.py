@@ -114,6 +114,13 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         app.state.scheduler.stop()
         app.state.db.engine.dispose()
 
+    if settings.executor == "ray":   # one clear line at start, not a traceback from the scheduler's thread
+        from usf_bios.control.executors.ray import ExecutorUnavailable, check_ray
+
+        try:
+            check_ray()
+        except ExecutorUnavailable as err:
+            raise SystemExit(f"error: {err}") from None
     app = FastAPI(title="USF BIOS", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hostable LoRA / QLoRA fine-tuning: datasets, models, jobs, live metrics.")
     app.state.settings = settings

@@ -98,6 +98,9 @@ def submit_job(*, session: Session, caller: Caller, layout: StorageLayout, setti
     if executor == "remote" and not (settings.gpu_cluster_api_url and settings.gpu_cluster_api_key):
         raise Invalid("gpu_config.executor", "this server has no remote worker (set GPU_CLUSTER_API_URL and "
                                              "GPU_CLUSTER_API_KEY)")
+    if spec.gpu_config.num_nodes > 1 and executor != "ray":
+        raise Invalid("gpu_config.num_nodes", f"{spec.gpu_config.num_nodes} nodes need the ray executor "
+                                              f"(gpu_config.executor: ray); the {executor} executor runs a job on one host")
     if executors is not None:
         offered, local = executor_resources(spec, settings, executors)
         check_request(caller, spec, offered, local=local)

@@ -32,12 +32,22 @@ ACTIVE = [s.value for s in JobStatus if s.is_active]
 
 
 def configured_executors(layout: StorageLayout, settings: Settings) -> dict[str, Executor]:
-    """``local`` always; ``remote`` when GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY name a worker."""
+    """``local`` always; ``remote`` when GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY name a worker; ``ray`` when
+    USF_EXECUTOR is ray (ExecutorUnavailable when Ray is not installed), or RAY_ADDRESS is set and Ray is."""
     executors: dict[str, Executor] = {"local": LocalExecutor(layout, settings)}
     if settings.gpu_cluster_api_url and settings.gpu_cluster_api_key:
         from usf_bios.control.executors.remote import RemoteExecutor
 
         executors["remote"] = RemoteExecutor(layout, settings)
+    if settings.executor == "ray" or settings.ray_address:
+        from usf_bios.control.executors.ray import ExecutorUnavailable, RayExecutor
+
+        try:
+            executors["ray"] = RayExecutor(layout, settings)
+        except ExecutorUnavailable:
+            if settings.executor == "ray":
+                raise
+            log.warning("RAY_ADDRESS is set but Ray is not installed: jobs with gpu_config.executor: ray fail")
     return executors
 
 

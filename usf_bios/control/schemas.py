@@ -49,11 +49,35 @@ class WorkerPublic(_Out):
     detail: str = Field(description="What it said (its GPUs, its version), or why it could not be reached.")
 
 
+class RayNodePublic(_Out):
+    """One alive node of the Ray cluster, with its CPUs and GPUs: all of them, and those no task holds now."""
+
+    node_id: str
+    ip: str
+    head: bool
+    cpus: float
+    cpus_free: float
+    gpus: float
+    gpus_free: float
+
+
+class RayClusterPublic(_Out):
+    """The Ray cluster of the ray executor (RAY_ADDRESS), as its dashboard answers now."""
+
+    address: str
+    reachable: bool
+    detail: str = Field(description="How many nodes are alive, or why the cluster could not be asked.")
+    nodes: list[RayNodePublic] = Field(default_factory=list)
+    gpus: float = Field(0, description="GPUs of the alive nodes.")
+    gpus_free: float = Field(0, description="Of those, the ones no job or task holds now.")
+
+
 class HostFacts(_Out):
     version: str
     gpus: list[GpuPublic]
     disk: DiskPublic
     workers: list[WorkerPublic] = Field(default_factory=list)
+    ray: RayClusterPublic | None = Field(None, description="The Ray cluster, when the ray executor is configured.")
 
 
 class PlacementPublic(_Out):

@@ -86,18 +86,23 @@ def rank_threads(settings: Settings, world_size: int, on_gpus: bool, cores: int)
     return max(1, share // world_size)
 
 
-def engine_environment(settings: Settings, gpu_ids: list[int]) -> dict[str, str]:
-    """The job's environment: the storage paths of this server, and only its GPUs."""
-    env = dict(os.environ)
-    env.update({
+def storage_environment(settings: Settings) -> dict[str, str]:
+    """What an engine process needs to find this server's storage (the ray executor sends only this)."""
+    return {
         "USF_HOME": str(settings.usf_home), "OUTPUT_PATH": str(settings.output_path),
         "CHECKPOINT_PATH": str(settings.checkpoint_path), "LOG_PATH": str(settings.log_path),
         "USF_MODEL_PATH": str(settings.model_path), "HF_HOME": str(settings.hf_home),
         "TRANSFORMERS_CACHE": str(settings.transformers_cache), "MODELSCOPE_CACHE": str(settings.modelscope_cache),
         "SUPPORTED_MODEL_SOURCES": ",".join(settings.supported_model_sources),
-        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
         "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-    })
+    }
+
+
+def engine_environment(settings: Settings, gpu_ids: list[int]) -> dict[str, str]:
+    """The job's environment: the storage paths of this server, and only its GPUs."""
+    env = dict(os.environ)
+    env.update(storage_environment(settings))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
     return env
 
 
