@@ -16,6 +16,15 @@ from tests.api.flows import job_spec, register_model, submit, tiny_model_in, upl
 from tests.conftest import chat_rows, event_dicts, write_jsonl
 from usf_bios.bench.load import hammer, watch_events
 
+
+def run(coroutine):
+    """asyncio.run in a thread of its own: a test before this one in the same worker process (a browser test's
+    Playwright) may leave an event loop set on the main thread, where asyncio.run refuses to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,9 +51,9 @@ def test_200_concurrent_clients_get_every_answer(make_server, tmp_path, tiny_mod
     server, client = ready(make_server, tmp_path, tiny_model_template, USF_MAX_CPU_JOBS="0")  # the jobs stay queued
     for i in range(50):
         submit(client, job_spec("tiny", "chat", name=f"job-{i}"))
-    listed = asyncio.run(hammer("127.0.0.1", server.port, "/api/jobs", clients=200, requests=3, timeout=120))
+    listed = run(hammer("127.0.0.1", server.port, "/api/jobs", clients=200, requests=3, timeout=120))
     assert listed.errors == {} and dict(listed.statuses) == {200: 600}, listed.summary()
-    health = asyncio.run(hammer("127.0.0.1", server.port, "/api/health", clients=200, requests=5, timeout=60))
+    health = run(hammer("127.0.0.1", server.port, "/api/health", clients=200, requests=5, timeout=60))
     assert health.errors == {} and dict(health.statuses) == {200: 1000}, health.summary()
     answers_and_stops(server)
 
@@ -59,7 +68,7 @@ def test_200_event_streams_of_one_job_get_every_event(make_server, tmp_path, tin
         probe = hammer("127.0.0.1", server.port, "/api/health", clients=5, requests=40, timeout=10)
         return await asyncio.gather(asyncio.gather(*watchers), probe)
 
-    watches, health = asyncio.run(watch_while_probing())
+    watches, health = run(watch_while_probing())
     done = wait_for(client, job["id"], lambda j: j["status"] in ("completed", "failed"), timeout=60)
     assert done["status"] == "completed", done
     path = server.home / "data" / "logs" / f"{job['id']}.events.jsonl"
@@ -77,6 +86,6 @@ def test_200_event_streams_of_one_job_get_every_event(make_server, tmp_path, tin
 def test_a_quiet_stream_sends_keep_alives(make_server, tmp_path, tiny_model_template):
     server, client = ready(make_server, tmp_path, tiny_model_template, USF_MAX_CPU_JOBS="0")
     job = submit(client, job_spec("tiny", "chat"))      # queued for good: nothing to tell
-    watch = asyncio.run(watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", seconds=17))
+    watch = run(watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", seconds=17))
     assert watch.error is None and watch.keepalives >= 1 and not watch.ended
     answers_and_stops(server)

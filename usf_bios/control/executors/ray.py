@@ -67,7 +67,7 @@ class RayJob:
 
     job_id: str
     ranks: int = 1
-    status: str | None = None         # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED, as Ray last said
+    ray_status: str | None = None     # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED, as Ray last said
     message: str = ""
     error_type: str | None = None
     exit_code: int | None = None
@@ -120,7 +120,7 @@ class RayExecutor:
         except (OSError, RuntimeError, ValueError) as err:
             raise OSError(f"the Ray cluster at {self.where()} did not take the job: {err}") from None
         with self._lock:
-            self._jobs[submission] = RayJob(job_id, ranks=ranks, status="PENDING")
+            self._jobs[submission] = RayJob(job_id, ranks=ranks, ray_status="PENDING")
         log.info("job %s submitted to the Ray cluster at %s as %s (%d rank%s)", job_id, self.where(), submission,
                  ranks, "s" if ranks > 1 else "")
         return submission
@@ -132,7 +132,7 @@ class RayExecutor:
         job = self._job(handle, job_id)
         self._refresh(handle, job)          # Ray's word first, then the file: a done written before the end is read
         entries, end = read_events_at(self.layout.job_events(job_id), cursor)
-        alive = job.status in ALIVE or job.status is None
+        alive = job.ray_status in ALIVE or job.ray_status is None
         silent = time.monotonic() - job.answered
         if silent >= self.settings.remote_timeout_s:
             return Progress(events=[e for _, e in entries], cursor=end, alive=False,
@@ -243,19 +243,19 @@ class RayExecutor:
             return job
 
     def _refresh(self, handle: str, job: RayJob) -> None:
-        if time.monotonic() - job.asked < POLL_S and job.status is not None:
+        if time.monotonic() - job.asked < POLL_S and job.ray_status is not None:
             return
         job.asked = time.monotonic()
         try:
             info = self.client().get_job_info(handle)
         except (OSError, RuntimeError, ValueError) as err:
             if "does not exist" in str(err):   # never known to Ray (its head was replaced): nothing runs it
-                job.status, job.message, job.answered = "FAILED", "the Ray cluster does not know this job", time.monotonic()
+                job.ray_status, job.message, job.answered = "FAILED", "the Ray cluster does not know this job", time.monotonic()
                 return
             log.warning("Ray job %s: the cluster at %s did not answer (%s)", handle, self.where(), err)
             return
         job.answered = time.monotonic()
-        job.status = str(getattr(info.status, "value", info.status))
+        job.ray_status = str(getattr(info.status, "value", info.status))
         job.message = info.message or ""
         job.error_type = str(getattr(info.error_type, "value", info.error_type)) if info.error_type else None
         job.exit_code = info.driver_exit_code
@@ -265,10 +265,10 @@ class RayExecutor:
     @staticmethod
     def _lost(job: RayJob) -> bool:
         """Whether the Ray job ended because something under it went away, not because the engine said so."""
-        return job.exit_code == LOST_EXIT or (job.status == "FAILED" and job.exit_code is None)
+        return job.exit_code == LOST_EXIT or (job.ray_status == "FAILED" and job.exit_code is None)
 
     def _reason(self, handle: str, job: RayJob) -> str:
         said = f": {job.message}" if job.message else ""
         if job.exit_code == LOST_EXIT:
             return f"Ray job {handle}: a worker of the job was lost{said}"
-        return f"Ray job {handle} ended {job.status or 'unknown'}{said}"
+        return f"Ray job {handle} ended {job.ray_status or 'unknown'}{said}"
