@@ -36,6 +36,19 @@ def usf(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def train_from_the_cache(env: dict[str, str], usf_home, tmp_path, source: str) -> None:
+    """Two training steps on the pulled org/tiny with ``env``'s hub unreachable: the model resolves from the
+    source's cache, and the job log names that source."""
+    spec = tmp_path / "job.yaml"
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    spec.write_text(f"name: pulled\nbase_model: org/tiny\ndataset: {data}\ngpu_config: {{num_gpus: 0}}\n"
+                    "hyperparameters: {max_steps: 2, batch_size: 2, max_seq_length: 64, precision: fp32, "
+                    "gradient_checkpointing: false}\n")
+    trained = usf(env, "train", str(spec), "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    assert f"({source})" in next((usf_home / "data" / "logs").glob("pulled-*.log")).read_text()
+
+
 @pytest.fixture
 def env(usf_home, hub) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "SUPPORTED_MODEL_SOURCES")}
@@ -74,14 +87,7 @@ def test_cli_pull_fetches_only_what_trains_and_later_uses_hit_the_cache(env, hub
     assert again.returncode == 0 and len(hub.fetched) == fetched, again.stderr
 
     # training resolves org/tiny from the hub cache, offline
-    spec = tmp_path / "job.yaml"
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
-    spec.write_text(f"name: pulled\nbase_model: org/tiny\ndataset: {data}\ngpu_config: {{num_gpus: 0}}\n"
-                    "hyperparameters: {max_steps: 2, batch_size: 2, max_seq_length: 64, precision: fp32, "
-                    "gradient_checkpointing: false}\n")
-    trained = usf({**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, "train", str(spec), "--quiet")
-    assert trained.returncode == 0, trained.stderr
-    assert "(huggingface)" in next((usf_home / "data" / "logs").glob("pulled-*.log")).read_text()
+    train_from_the_cache({**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, usf_home, tmp_path, "huggingface")
 
 
 def test_cli_pull_refusals_name_their_cause(env, hub):

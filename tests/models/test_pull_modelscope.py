@@ -7,17 +7,14 @@ revision, and off without `modelscope` in SUPPORTED_MODEL_SOURCES or without the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.api.conftest import database_url, make_server, server_env  # noqa: F401
-from tests.conftest import chat_rows, write_jsonl
 from tests.models.fake_hub import FakeModelScope
-from tests.models.test_pull import DECOYS
+from tests.models.test_pull import DECOYS, train_from_the_cache, usf
 from usf_bios.models.hub import PullError, cache_bytes, endpoint, plan_pull, refusal
 
 PULLED = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -70,11 +67,6 @@ def test_endpoint_refusal_and_progress_bytes_of_the_modelscope_source(monkeypatc
     assert cache_bytes(tmp_path, "org/other", "modelscope") == 0
 
 
-def usf(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "usf_bios", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture
 def env(usf_home, hub, tmp_path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in CLEAN}
@@ -97,14 +89,7 @@ def test_cli_pull_from_modelscope_fetches_only_what_trains_and_later_uses_hit_th
     assert again.returncode == 0 and len(hub.fetched) == fetched, again.stderr
 
     # training resolves org/tiny from the ModelScope cache, offline (the hub gone)
-    spec = tmp_path / "job.yaml"
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
-    spec.write_text(f"name: pulled\nbase_model: org/tiny\ndataset: {data}\ngpu_config: {{num_gpus: 0}}\n"
-                    "hyperparameters: {max_steps: 2, batch_size: 2, max_seq_length: 64, precision: fp32, "
-                    "gradient_checkpointing: false}\n")
-    trained = usf({**env, "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"}, "train", str(spec), "--quiet")
-    assert trained.returncode == 0, trained.stderr
-    assert "(modelscope)" in next((usf_home / "data" / "logs").glob("pulled-*.log")).read_text()
+    train_from_the_cache({**env, "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"}, usf_home, tmp_path, "modelscope")
 
 
 def test_cli_pull_from_modelscope_refusals_are_one_line(env, hub, monkeypatch):

@@ -10,7 +10,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from usf_bios.models.vllm_compat import check_adapter
+from usf_bios.models.vllm_compat import VllmCheck, check_adapter
 
 
 def test_a_trained_adapter_passes_and_each_broken_rule_is_named(layout, trained_job, tmp_path):
@@ -36,7 +36,7 @@ def test_a_trained_adapter_passes_and_each_broken_rule_is_named(layout, trained_
     assert broken("bias", bias="lora_only") == ["bias is 'lora_only'; vLLM serves adapters with bias: none"]
     assert broken("rank", r=1024) == ["rank 1024 is above the largest rank vLLM serves (512)"]
     assert broken("type", peft_type="IA3") == ["peft_type is 'IA3'; vLLM loads LoRA adapters only"]
-    big = check_adapter(folder).__class__(rank=20)
+    big = VllmCheck(rank=20)
     assert big.command("/b", "n", "/a").endswith("--max-lora-rank 32")
 
     # tensors: an adapter name left inside the keys, and LoRA on the embeddings

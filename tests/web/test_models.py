@@ -52,6 +52,20 @@ def test_register_a_folder_see_its_facts_refusals_and_scan(server, page, console
     expect(page.locator('#models-table tr[data-model-name="org--second"]')).to_be_visible()
 
 
+def pull_org_tiny(page):
+    """Download org/tiny from the page's form, watching the progress bar run to its end; its row in the table."""
+    page.fill("#pull-repo", "org/tiny")
+    page.click("#pull-submit")
+    expect(page.locator("#pull-progress")).to_be_visible()
+    expect(page.locator("#pull-text")).to_contain_text("org/tiny: ")
+    expect(page.locator("#toast")).to_contain_text("Downloaded and registered org/tiny", timeout=120_000)
+    bar = page.locator("#pull-bar")
+    row = page.locator('#models-table tr[data-model-name="org/tiny"]')
+    expect(row).to_have_count(1)
+    assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
+    return row
+
+
 def test_download_a_model_from_the_hub_with_its_progress(make_server, open_page, console, tiny_model_template):
     from tests.models.fake_hub import FakeHub
 
@@ -69,14 +83,7 @@ def test_download_a_model_from_the_hub_with_its_progress(make_server, open_page,
         page.fill("#pull-repo", "not a repo")
         page.click("#pull-submit")
         expect(page.locator("#pull-repo-error")).to_contain_text("must be org/name")
-        page.fill("#pull-repo", "org/tiny")
-        page.click("#pull-submit")
-        expect(page.locator("#pull-progress")).to_be_visible()
-        expect(page.locator("#pull-text")).to_contain_text("org/tiny: ")
-        expect(page.locator("#toast")).to_contain_text("Downloaded and registered org/tiny", timeout=120_000)
-        expect(page.locator('#models-table tr[data-model-name="org/tiny"]')).to_be_visible()
-        bar = page.locator("#pull-bar")
-        assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
+        expect(pull_org_tiny(page)).to_be_visible()
     finally:
         hub.stop()
 
@@ -102,14 +109,7 @@ def test_download_a_model_from_modelscope_with_its_progress(make_server, open_pa
         expect(page.locator("#pull-revision")).to_have_attribute("placeholder", "main")
         page.select_option("#pull-source", "modelscope")
         expect(page.locator("#pull-revision")).to_have_attribute("placeholder", "master")
-        page.fill("#pull-repo", "org/tiny")
-        page.click("#pull-submit")
-        expect(page.locator("#pull-progress")).to_be_visible()
-        expect(page.locator("#pull-text")).to_contain_text("org/tiny: ")
-        expect(page.locator("#toast")).to_contain_text("Downloaded and registered org/tiny", timeout=120_000)
-        expect(page.locator('#models-table tr[data-model-name="org/tiny"]')).to_contain_text("ModelScope")
-        bar = page.locator("#pull-bar")
-        assert bar.get_attribute("value") == bar.get_attribute("max") != "1"
+        expect(pull_org_tiny(page)).to_contain_text("ModelScope")
     finally:
         hub.stop()
 

@@ -179,7 +179,8 @@ class Scheduler:
                 gpu_ids = free[:job.num_gpus]
             if self._launch(session, job, gpu_ids):
                 busy[job.executor].update(gpu_ids)
-                cpu_jobs[job.executor] += 0 if gpu_ids else 1
+                if not gpu_ids:
+                    cpu_jobs[job.executor] += 1
 
     def _refuse(self, session: Session, job: Job, reason: str) -> None:
         """A queued job that cannot run here fails (unless it was cancelled meanwhile: then that stands)."""
