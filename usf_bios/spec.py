@@ -105,6 +105,10 @@ class Performance(_Strict):
         "(quantized models too; every layer on the CPU); all recomputes every layer (the smallest footprint); offload "
         "also keeps in host memory the saved layer inputs that do not fit on the GPU, copied while the layers compute "
         "(longest contexts).")
+    host_embeddings: Switch = Field(
+        "auto", description="Keep the frozen input embedding table in host memory and copy each pass's rows to the "
+        "GPU (1.05 GB less GPU memory for Llama-3.1-8B). auto: on a GPU with checkpointing all or offload (the "
+        "small-footprint plans); a table tied to the output layer, or trained, stays on the GPU.")
 
 
 class GpuConfig(_Strict):

@@ -122,6 +122,17 @@ def test_inputs_offloaded_to_pinned_host_memory_match_on_cuda(reference, monkeyp
     assert (trackers[0].fetched_ahead, trackers[0].fetched_late) == (1, 1)
 
 
+def test_the_embedding_table_in_host_memory_matches_and_leaves_the_gpu(reference):
+    from usf_bios.engine.host_embeddings import HostEmbeddingLookup
+
+    plan = dataclasses.replace(PLAIN, host_embeddings=True)
+    model, applied = gpu_model(plan)
+    table = model.get_input_embeddings()
+    assert applied.host_embeddings and isinstance(table.forward, HostEmbeddingLookup)
+    assert table.weight.device.type == "cpu" and model.get_output_embeddings().weight.is_cuda
+    assert_close_bf16(loss_and_grads(plan), reference)
+
+
 @pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
 def test_liger_fused_loss_matches_full_logits(reference):
     assert_close_bf16(loss_and_grads(dataclasses.replace(PLAIN, loss="fused")), reference)

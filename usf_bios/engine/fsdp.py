@@ -40,13 +40,15 @@ def fsdp_plan(plan: SpeedPlan) -> tuple[SpeedPlan, list[str]]:
                    "which FSDP2 never holds")
     if plan.compile:
         off.append("compiled layers off: regional compilation has not been verified with FSDP2's hooks")
+    if plan.host_embeddings:
+        off.append("host embeddings off: FSDP2 shards the embedding table with the rest of the model")
     checkpointing = plan.checkpointing
     if checkpointing in ("auto", "offload"):
         off.append(f"checkpointing {checkpointing} becomes all: it plans from the free memory beside the whole "
                    "model; under FSDP2 every decoder layer recomputes")
         checkpointing = "all"
     plan = replace(plan, fused_lora=False, merge_micro_batches=False, tokens_per_pass=0, compile=False,
-                   checkpointing=checkpointing)
+                   checkpointing=checkpointing, host_embeddings=False)
     return plan, [f"FSDP2: {line}" for line in off]
 
 

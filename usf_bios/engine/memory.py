@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from usf_bios.engine.host_embeddings import model_device
 from usf_bios.engine.plan import SpeedPlanError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def layers_to_recompute(num_layers: int, tokens: int, per_token_bytes: int, laye
 
 def free_gpu_bytes(model: Any) -> int:
     """GPU memory this process can still use on the model's device: free on the card plus cached but unused."""
-    device = next(p for p in model.parameters()).device
+    device = model_device(model)
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
@@ -220,6 +221,8 @@ def peak_memory(spec: "JobSpec", config: dict, parameters: int, lora: int, gpu_b
         weights = parameters * 2
     else:
         weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
+    if plan.host_embeddings and not config.get("tie_word_embeddings") and shards == 1:
+        weights -= vocab * h * 2                                       # the input table stays in host memory
     weights /= shards
     lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
     free = gpu_bytes - weights - lora_bytes

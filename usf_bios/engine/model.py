@@ -12,6 +12,7 @@ import torch
 from usf_bios.engine.attention import use_varlen_attention
 from usf_bios.engine.distributed import World
 from usf_bios.engine.fused_lora import fuse_lora_layers, keep_dequantized_where_recomputed
+from usf_bios.engine.host_embeddings import keep_embeddings_on_host
 from usf_bios.engine.loss import head_is_plain
 from usf_bios.engine.memory import activation_bytes_per_token, expandable_segments_active, free_gpu_bytes, tokens_per_pass
 from usf_bios.engine.offload import apply_checkpointing, decoder_layers
@@ -214,6 +215,9 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     if plan.loss != "full" and (why := head_is_plain(model)):
         notes.append(f"loss: full logits, because {why}")
         plan = replace(plan, loss="full")
+    if plan.host_embeddings:   # before the pass is sized: the table's GPU memory is free for activations
+        notes.append(keep_embeddings_on_host(model, placement.device))
+        plan = replace(plan, host_embeddings=notes[-1].startswith("host embeddings:"))
     dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
     pass_tokens = hp.batch_size * hp.max_seq_length
     per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from usf_bios.engine.host_embeddings import model_device
 from usf_bios.engine.memory import (available_host_bytes, check_host_memory, free_gpu_bytes, layers_to_offload,
                                     layers_to_recompute)
 from usf_bios.engine.plan import SpeedPlan
@@ -176,7 +177,7 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden: torch.Tensor, *re
 def _offload_count(model: Any, layers: int, working_bytes: int, layer_input_bytes: int) -> int:
     """Every layer on the CPU; on CUDA only what does not fit (see ``layers_to_offload``), refused when that much
     would not fit in host memory either (``check_host_memory``)."""
-    if next(p for p in model.parameters()).device.type != "cuda":
+    if model_device(model).type != "cuda":
         return layers
     offloaded = layers_to_offload(layers, working_bytes, layer_input_bytes, free_gpu_bytes(model))
     check_host_memory(offloaded * layer_input_bytes, available_host_bytes())

@@ -35,6 +35,7 @@ class SpeedPlan:
     merge_micro_batches: bool = False
     compile: bool = False
     tokens_per_pass: int = 0    # set by build_model when merging: the most tokens one forward/backward pass takes
+    host_embeddings: bool = False
 
     def describe(self) -> str:
         merge = f"merged micro-batches up to {self.tokens_per_pass:,} tokens a pass" if self.tokens_per_pass \
@@ -42,7 +43,8 @@ class SpeedPlan:
         return (f"attention {self.attention}, loss {self.loss}, fused kernels {'on' if self.fused_kernels else 'off'}, "
                 f"fused LoRA {'on' if self.fused_lora else 'off'}, "
                 f"fused AdamW {'on' if self.fused_optimizer else 'off'}, checkpointing {self.checkpointing}, {merge}"
-                + (", compiled layers" if self.compile else ""))
+                + (", compiled layers" if self.compile else "")
+                + (", input embeddings in host memory" if self.host_embeddings else ""))
 
 
 def _has(module: str) -> bool:
@@ -108,9 +110,14 @@ def plan_for(perf: Performance, hp: Hyperparameters, *, cuda: bool, liger: bool)
         mergeable = mergeable and checkpointing in ("auto", "none")
     merge = _switch(perf.merge_micro_batches, mergeable, "merge_micro_batches",
                     "needs a CUDA GPU, packing and varlen attention")
+    host_embeddings = perf.host_embeddings == "on" or (perf.host_embeddings == "auto" and cuda
+                                                         and checkpointing in ("all", "offload"))
+    if host_embeddings and not cuda:
+        raise SpeedPlanError("performance.host_embeddings: needs a CUDA GPU (on the CPU the table is in host "
+                             "memory already)")
     return SpeedPlan(
         merge_micro_batches=merge, compile=perf.compile == "on",
         attention=attention, loss=loss,
         fused_kernels=_fused_kernels(perf, liger, liger_why),
         fused_optimizer=_switch(perf.fused_optimizer, cuda, "fused_optimizer", "the fused AdamW needs a CUDA GPU"),
-        checkpointing=checkpointing, fused_lora=perf.fused_lora != "off")
+        checkpointing=checkpointing, fused_lora=perf.fused_lora != "off", host_embeddings=host_embeddings)
