@@ -497,17 +497,6 @@ def test_auto_loss_is_ligers_on_a_gpu_that_has_it_except_for_long_context_offloa
     assert resolve_plan(Performance(checkpointing=checkpointing), Hyperparameters(), CPU).loss == "chunked"
 
 
-def test_offload_takes_ligers_loss_where_its_slice_at_the_pass_is_no_larger():
-    from usf_bios.engine.memory import loss_for_pass
-
-    auto, vocab, hidden = Performance(checkpointing="offload"), 128_256, 4096
-    assert loss_for_pass("chunked", auto, "offload", 16_384, vocab, hidden, liger=True) == "fused"
-    assert loss_for_pass("chunked", auto, "offload", 352_256, vocab, hidden, liger=True) == "chunked"
-    assert loss_for_pass("chunked", auto, "offload", 16_384, vocab, hidden, liger=False) == "chunked"
-    asked = Performance(checkpointing="offload", loss="chunked")
-    assert loss_for_pass("chunked", asked, "offload", 16_384, vocab, hidden, liger=True) == "chunked"
-
-
 def quantized_tiny_base():
     """The tiny model with every decoder linear layer in bitsandbytes NF4 (double quantization), on the CPU."""
     bnb = pytest.importorskip("bitsandbytes")

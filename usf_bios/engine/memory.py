@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from usf_bios.engine.host_embeddings import model_device
 from usf_bios.engine.plan import SpeedPlanError
 
 if TYPE_CHECKING:
-    from usf_bios.spec import JobSpec, Performance
+    from usf_bios.spec import JobSpec
 
 HEADROOM_BYTES = 3 * 2**30        # kept free for the loss slices, the optimizer and the allocator's slack
 ALLOCATOR_SETTING = "expandable_segments:True"
@@ -193,20 +193,6 @@ def fused_loss_rows(tokens: int, vocab: int, hidden: int) -> int:
     return min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / slices)))))
 
 
-def loss_for_pass(loss: str, perf: "Performance", checkpointing: str, tokens: int, vocab: int, hidden: int,
-                  liger: bool) -> str:
-    """The loss once the longest pass is known: ``loss: auto`` keeps the chunked loss for ``offload`` because
-    Liger's slices grow with the pass; where its slice at this pass is no larger than the chunked loss's (a pass of
-    16,384 tokens of Llama-3.1-8B: 263 against 402 MB), the faster fused loss is taken after all."""
-    from usf_bios.engine.loss import CHUNK_ELEMENTS
-
-    if not (loss == "chunked" and perf.loss == "auto" and checkpointing == "offload" and liger and vocab):
-        return loss
-    fused_bytes = fused_loss_rows(tokens, vocab, hidden) * vocab * 4
-    chunked_bytes = min(tokens, max(1, CHUNK_ELEMENTS // vocab)) * vocab * 6
-    return "fused" if fused_bytes <= chunked_bytes else loss
-
-
 def peak_memory(spec: "JobSpec", config: dict, parameters: int, lora: int, gpu_bytes: float,
                 shards: int = 1) -> tuple[dict[str, float], float]:
     """One GPU's peak memory for the job, in parts (GiB), and the share of decoder layers that will recompute:
@@ -244,7 +230,6 @@ def peak_memory(spec: "JobSpec", config: dict, parameters: int, lora: int, gpu_b
                                micro_batch_tokens=tokens, step_tokens=tokens * hp.gradient_accumulation_steps,
                                free_bytes=int(free), lora_dropout=hp.lora_dropout, fused_lora=plan.fused_lora)
     activations, tokens = kept.bytes, kept.tokens_per_pass
-    plan = replace(plan, loss=loss_for_pass(plan.loss, spec.performance, plan.checkpointing, tokens, vocab, h, True))
     if plan.loss == "full":
         logit_rows, logit_bytes = tokens, 8
     elif plan.loss == "fused":

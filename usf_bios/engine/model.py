@@ -14,8 +14,7 @@ from usf_bios.engine.distributed import World
 from usf_bios.engine.fused_lora import fuse_lora_layers, keep_dequantized_where_recomputed
 from usf_bios.engine.host_embeddings import keep_embeddings_on_host
 from usf_bios.engine.loss import head_is_plain
-from usf_bios.engine.memory import (activation_bytes_per_token, expandable_segments_active, free_gpu_bytes,
-                                    loss_for_pass, tokens_per_pass)
+from usf_bios.engine.memory import activation_bytes_per_token, expandable_segments_active, free_gpu_bytes, tokens_per_pass
 from usf_bios.engine.offload import apply_checkpointing, decoder_layers
 from usf_bios.engine.plan import SpeedPlan, SpeedPlanError
 from usf_bios.models.sources import ResolvedModel
@@ -167,10 +166,6 @@ def apply_lora(base: Any, spec: JobSpec) -> Any:
         raise ModelLoadError(f"hyperparameters.target_modules: {err}") from None
 
 
-def _has_liger() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def free_gpu_memory() -> None:
     """Collect dropped objects and give cached GPU memory back (call after deleting the model)."""
     import gc
@@ -223,7 +218,6 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
     if plan.host_embeddings:   # before the pass is sized: the table's GPU memory is free for activations
         notes.append(keep_embeddings_on_host(model, placement.device))
         plan = replace(plan, host_embeddings=notes[-1].startswith("host embeddings:"))
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
     pass_tokens = hp.batch_size * hp.max_seq_length
     per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
@@ -232,6 +226,7 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         if plan.checkpointing in ("all", "offload"):
             # all: every layer keeps its input for the pass, one layer its activations; offload: the inputs that do
             # not fit go to host memory, so one layer's activations, its input and the next one's, fetched ahead
+            text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
             inputs = layers if plan.checkpointing == "all" else 2
             layers, per_pass_token = 1, inputs * text.hidden_size * dtype_bytes + per_token
         else:
@@ -240,11 +235,6 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
                                  pass_tokens * hp.gradient_accumulation_steps)
         plan = replace(plan, merge_micro_batches=bool(merged), tokens_per_pass=merged)
         pass_tokens = merged or pass_tokens
-    loss = loss_for_pass(plan.loss, spec.performance, plan.checkpointing, pass_tokens, text.vocab_size,
-                         text.hidden_size, placement.device.type == "cuda" and _has_liger())
-    if loss != plan.loss:
-        notes.append(f"loss: {loss}, as its slice at {pass_tokens:,} tokens a pass is no larger than the chunked one's")
-        plan = replace(plan, loss=loss)
     recomputed, offloaded, host_bytes = apply_checkpointing(model, plan, pass_tokens, per_token, hp.lora_dropout,
                                                             dtype_bytes)
     if plan.fused_lora and hp.quantization == "4bit":
