@@ -28,6 +28,7 @@ from usf_bios.worker.contract import SubmitRequest
 from usf_bios.worker.service import worker_settings
 
 PROGRESS_INTERVAL_S = 5.0
+WATCH_S = 0.5          # how often the handler looks at its job
 PROGRESS_OVERLAP = 4   # each progress update repeats the events of the previous three
 _service_lock = threading.Lock()
 _running: dict[str, Any] = {}
@@ -103,7 +104,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
             _progress(job, {"status": status.model_dump(mode="json"), "after": starts[0], "events": events})
             starts.append(events[-1]["seq"] if events else starts[-1])
             last_update = time.monotonic()
-        time.sleep(0.5)
+        time.sleep(WATCH_S)
     if status.status == "completed" and upload_url and status.artifact is not None:
         upload_artifact(upload_url, worker.artifact_path(external), status.artifact.sha256,
                         worker.settings.worker_allowed_hosts)
