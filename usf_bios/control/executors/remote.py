@@ -96,7 +96,7 @@ class RemoteExecutor:
         client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False,
                               headers={"Authorization": f"Bearer {settings.gpu_cluster_api_key}"})
         self.transport: Transport = transport or (RunPodTransport(client, layout.output) if self._kind() == "runpod"
-                                                  else WorkerTransport(client))
+                                                  else WorkerTransport(client, settings.max_artifact_mb * 2**20))
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
         if not settings.public_url:
@@ -252,6 +252,10 @@ class RemoteExecutor:
             snapshot: Snapshot = self.transport.snapshot(job.external_id, job_id)
             job.reported, job.last_answer = snapshot.status, time.monotonic()
             self._save(job_id, job)
+            artifact = snapshot.status.artifact
+            if artifact is not None and artifact.size_bytes > self.settings.max_artifact_mb * 2**20 and not job.done:
+                raise RemoteRefused(f"the artifact of {artifact.size_bytes >> 20} MB is over USF_MAX_ARTIFACT_MB "
+                                    f"({self.settings.max_artifact_mb} MB)")
             if snapshot.events is not None:
                 self._take(job_id, job, snapshot.events, snapshot.after)
                 # a done event it could take, held back until the artifact is here (the next poll tries again)
@@ -323,6 +327,10 @@ class RemoteExecutor:
         """Bring the completed job's tar here, check its sha256 and unpack it into the job's output folder."""
         status = job.reported
         if status is None or status.artifact is None:
+            return False
+        if status.artifact.size_bytes > self.settings.max_artifact_mb * 2**20:
+            log.warning("job %s: the artifact of %d bytes is over USF_MAX_ARTIFACT_MB; not fetched", job_id,
+                        status.artifact.size_bytes)
             return False
         partial = self.layout.output / f"{job_id}.artifact.part"
         try:
