@@ -243,3 +243,42 @@ def test_report_to_goes_with_the_submit():
                       source="test")
     sent = SubmitRequest.model_validate(submit_payload("j", "http://127.0.0.1/d", spec, None))
     assert submit_spec(sent).report_to == ["tensorboard", "mlflow"]
+
+
+def engine_pids(home: Path) -> list[int]:
+    """The engine processes of this storage root (as tests.api.conftest.kill_engines finds them)."""
+    marker, pids = f"USF_HOME={home}".encode(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"usf_bios.engine.run" in (proc / "cmdline").read_bytes() and \
+                    marker in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_worker_killed_while_its_engine_trains_follows_it_again(make_worker, files, tmp_path: Path):
+    """SIGKILL of the worker alone: its engine trains on, the restarted worker follows that engine again (no
+    resume), and the job completes with each step's point once."""
+    import signal
+
+    worker = make_worker().start()
+    Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
+    steps = 100
+    with worker.client() as client:
+        body = payload("survivor", files + "/chat.jsonl", max_steps=steps, eval_steps=50, save_steps=50)
+        external = client.post("/training/submit", json=body).json()["external_job_id"]
+        wait_status(client, external, lambda s: s["current_step"] >= 2 or ended(s))
+    worker.stop(signal.SIGKILL)
+    assert engine_pids(worker.home), "the engine did not outlive its worker"
+    worker.start()
+    assert engine_pids(worker.home), "the engine ended before the worker was back: nothing to follow live"
+    with worker.client() as client:
+        status = wait_status(client, external, ended)
+        page = client.get(f"/training/events/{external}", params={"after": 0}).json()
+    assert status["status"] == "completed" and status["current_step"] == steps, status
+    metric_steps = [e["event"]["step"] for e in page["events"] if e["event"]["type"] == "metric"]
+    assert metric_steps == list(range(1, steps + 1))
+    log = next((worker.home / "data" / "logs").glob(f"{external}*.log")).read_text()
+    assert "resuming from checkpoint-" not in log   # followed, not restarted
