@@ -6,49 +6,17 @@ SSRF guard, cancel, typed events after a sequence number, and the artifact tar w
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import chat_rows, write_jsonl
-from tests.worker.conftest import WORKER_KEY, clean_env
-
-
-class Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    redirects: dict[str, str] = {}
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?")[0]
-        if path in self.redirects:
-            self.send_response(302)
-            self.send_header("Location", self.redirects[path])
-            self.end_headers()
-            return
-        body = self.files.get(path)
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def files():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Files.files, Files.redirects = {}, {}
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+from tests.worker.conftest import Files, clean_env
 
 
 def payload(job_id: str, dataset_url: str, **hp) -> dict:

@@ -18,8 +18,8 @@ import pytest
 
 from tests.api.conftest import Server, free_port, kill_engines
 from tests.api.flows import final, submit, wait_for
-from tests.worker.conftest import CALLBACK_SECRET, clean_env, prepare
-from tests.worker.test_contract import Files, files, payload  # noqa: F401 (files: the fixture)
+from tests.worker.conftest import CALLBACK_SECRET, Files, clean_env, prepare
+from tests.worker.test_contract import payload
 from tests.worker.test_remote_jobs import check_finished, load_with_peft, remote_spec
 
 pytest.importorskip("runpod")
