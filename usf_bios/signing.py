@@ -21,6 +21,13 @@ def _mac(secret: str, message: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
+def _matches(expected: str, given: str) -> bool:
+    """``given`` is the hex MAC ``expected``, compared in constant time; anything but 64 hex digits (a non-ASCII
+    character among them, which ``compare_digest`` would refuse with a TypeError) does not match."""
+    return len(given) == 64 and all(c in "0123456789abcdefABCDEF" for c in given) and \
+        hmac.compare_digest(expected.encode(), given.encode())
+
+
 def sign_callback(secret: str, body: bytes, timestamp: int | None = None) -> str:
     """The ``X-USF-Signature`` header value for ``body``."""
     t = int(time.time()) if timestamp is None else timestamp
@@ -35,11 +42,11 @@ def verify_callback(secret: str, header: str | None, body: bytes, *, now: float 
         return "no X-USF-Signature header"
     parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
     t, given = parts.get("t", ""), parts.get("v1", "")
-    if not t.isdigit() or not given:
+    if not (t.isascii() and t.isdigit()) or not given:
         return "malformed X-USF-Signature header"
     if abs((time.time() if now is None else now) - int(t)) > window_s:
         return f"timestamp outside the {window_s} s window"
-    if not hmac.compare_digest(_mac(secret, t.encode() + b"." + body), given):
+    if not _matches(_mac(secret, t.encode() + b"." + body), given):
         return "signature does not match"
     return None
 
@@ -51,11 +58,11 @@ def sign_url_path(secret: str, path: str, expires: int) -> str:
 def verify_url_path(secret: str, path: str, expires: str | None, sig: str | None, *,
                     now: float | None = None) -> str | None:
     """None when ``sig`` opens ``path`` and ``expires`` has not passed; else why not."""
-    if not expires or not sig or not expires.isdigit():
+    if not expires or not sig or not (expires.isascii() and expires.isdigit()):
         return "the URL carries no valid expires and sig"
     if int(expires) < (time.time() if now is None else now):
         return "the signed URL has expired"
-    if not hmac.compare_digest(sign_url_path(secret, path, int(expires)), sig):
+    if not _matches(sign_url_path(secret, path, int(expires)), sig):
         return "the signature does not match this URL"
     return None
 

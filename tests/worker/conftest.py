@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +105,35 @@ def prepare(control: Server, tmp_path: Path, tiny_template: Path, rows: int = 24
         register_model(client, "test--tiny", folder)
         dataset = upload_dataset(client, write_jsonl(tmp_path / "chat.jsonl", chat_rows(rows)))
     return "test--tiny", dataset["id"]
+
+
+class Files(http.server.BaseHTTPRequestHandler):
+    """A local HTTP server playing the control plane's signed dataset URL (and a worker's artifact route)."""
+
+    files: dict[str, bytes] = {}
+    redirects: dict[str, str] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        if path in self.redirects:
+            self.send_response(302)
+            self.send_header("Location", self.redirects[path])
+            self.end_headers()
+            return
+        body = self.files.get(path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def files():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Files.files, Files.redirects = {}, {}
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -6,49 +6,17 @@ SSRF guard, cancel, typed events after a sequence number, and the artifact tar w
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import chat_rows, write_jsonl
-from tests.worker.conftest import WORKER_KEY, clean_env
-
-
-class Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    redirects: dict[str, str] = {}
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?")[0]
-        if path in self.redirects:
-            self.send_response(302)
-            self.send_header("Location", self.redirects[path])
-            self.end_headers()
-            return
-        body = self.files.get(path)
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def files():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Files.files, Files.redirects = {}, {}
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+from tests.worker.conftest import Files, clean_env
 
 
 def payload(job_id: str, dataset_url: str, **hp) -> dict:
@@ -96,7 +64,7 @@ def test_a_job_runs_and_hands_back_its_events_and_artifact(make_worker, files, t
     worker = make_worker().start()
     Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
     with worker.client() as client:
-        first = client.post("/training/submit", json=payload("job-1", files + "/chat.jsonl"))
+        first = client.post("/training/submit", json={**payload("job-1", files + "/chat.jsonl"), "report_to": ["tensorboard"]})
         assert first.status_code == 202, first.text
         external = first.json()["external_job_id"]
         again = client.post("/training/submit", json=payload("job-1", files + "/chat.jsonl"))
@@ -125,6 +93,8 @@ def test_a_job_runs_and_hands_back_its_events_and_artifact(make_worker, files, t
         assert {"adapter_config.json", "adapter_model.safetensors", "training_log.json", "job.yaml"} <= set(names)
         # one job: the second submit started nothing
         assert len(list((worker.home / "data" / "output").iterdir())) == 1
+        # report_to came with the submit: the worker's engine wrote the tensorboard event files
+        assert list((worker.home / "data" / "logs" / f"{external}.tensorboard").rglob("events.out.tfevents.*"))
 
 
 BAD_INPUT = [
@@ -138,6 +108,7 @@ BAD_INPUT = [
     ({"callback_url": "http://[::1]:9/cb"}, "callback_url"),
     ({"trust_remote_code": True}, "trust_remote_code"),
     ({"job_id": "../../etc"}, "job_id"),
+    ({"report_to": ["wandb"]}, "report_to"),   # not configured on this worker (no WANDB_API_KEY)
 ]
 
 
@@ -170,9 +141,29 @@ def test_a_bad_dataset_fails_the_job_with_its_line_and_the_cap_holds(make_worker
     fails_with(worker, files, "huge", "/huge.jsonl", "limit")
     Files.redirects["/sneaky"] = "http://169.254.169.254/latest/meta-data/iam"
     fails_with(worker, files, "sneaky", "/sneaky", "169.254.169.254")
+    check_a_failed_fetch_submitted_again_fetches_the_new_url(worker, files)
     left = [p for p in (worker.home / "data" / "datasets").rglob("*") if p.is_file()]
     assert all(p.stat().st_size < 1 << 20 for p in left), left   # nothing over the cap stayed on disk
     assert not list((worker.home / "data" / "output").glob("*"))
+
+
+def check_a_failed_fetch_submitted_again_fetches_the_new_url(worker, files: str) -> None:
+    """The same job_id again, after its fetch failed: the new submit's URLs are the ones used (a control plane
+    resubmits with a fresh signed URL), checked by the SSRF guard as a first submit's are."""
+    import sqlite3
+
+    fails_with(worker, files, "again", "/gone.jsonl", "404")
+    with worker.client() as client:
+        refused = client.post("/training/submit", json=payload("again", "http://169.254.169.254/latest/meta-data/"))
+        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "dataset_url", refused.text
+        fresh = {**payload("again", files + "/broken.jsonl"), "callback_url": files + "/callback"}
+        answer = client.post("/training/submit", json=fresh)
+        assert answer.status_code == 202, answer.text
+        status = wait_status(client, answer.json()["external_job_id"], ended, timeout=60)
+    assert status["status"] == "failed" and "broken.jsonl:3: malformed JSON" in status["error"], status
+    with sqlite3.connect(worker.home / "data" / "usf.db") as db:
+        urls = db.execute("SELECT dataset_url, callback_url FROM worker_submissions WHERE job_id = 'again'").fetchall()
+    assert urls == [(files + "/broken.jsonl", files + "/callback")]
 
 
 def test_cancel_stops_a_running_job(make_worker, files, tmp_path: Path):
@@ -186,3 +177,76 @@ def test_cancel_stops_a_running_job(make_worker, files, tmp_path: Path):
         assert status["status"] == "cancelled"
         assert client.get(f"/training/artifacts/{external}").status_code == 409
         assert client.get("/training/status/nobody").status_code == 404
+
+
+def test_the_artifact_download_is_cut_off_at_its_cap(files, tmp_path: Path):
+    """The control plane's side: a worker's artifact over USF_MAX_ARTIFACT_MB is cut off, not written whole."""
+    import httpx
+
+    from usf_bios.control.executors.transports import RemoteRefused, WorkerTransport
+
+    Files.files["/training/artifacts/big"] = b"x" * (3 << 20)
+    dest = tmp_path / "big.tar"
+    with httpx.Client(base_url=files) as client:
+        with pytest.raises(RemoteRefused, match="USF_MAX_ARTIFACT_MB"):
+            WorkerTransport(client, max_artifact_bytes=1 << 20).fetch_artifact("big", "job", dest)
+        Files.files["/training/artifacts/small"] = b"y" * 1000
+        digest = WorkerTransport(client, max_artifact_bytes=1 << 20).fetch_artifact("small", "job", dest)
+    assert digest == hashlib.sha256(b"y" * 1000).hexdigest()
+
+
+def test_only_runpod_hosts_are_spoken_to_as_runpod():
+    from usf_bios.control.executors.transports import is_runpod_url
+
+    assert is_runpod_url("https://api.runpod.ai/v2/abc") and is_runpod_url("https://runpod.ai/v2/abc")
+    for url in ("https://evilrunpod.ai/v2/abc", "https://api.runpod.ai.evil.com/v2", "http://gpu-host:8001"):
+        assert not is_runpod_url(url), url
+
+
+def test_report_to_goes_with_the_submit():
+    from usf_bios.spec import parse_spec
+    from usf_bios.worker.contract import SubmitRequest, submit_payload, submit_spec
+
+    spec = parse_spec({"name": "j", "base_model": "test--tiny", "dataset": "d", "report_to": ["tensorboard", "mlflow"]},
+                      source="test")
+    sent = SubmitRequest.model_validate(submit_payload("j", "http://127.0.0.1/d", spec, None))
+    assert submit_spec(sent).report_to == ["tensorboard", "mlflow"]
+
+
+def engine_pids(home: Path) -> list[int]:
+    """The engine processes of this storage root (as tests.api.conftest.kill_engines finds them)."""
+    marker, pids = f"USF_HOME={home}".encode(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"usf_bios.engine.run" in (proc / "cmdline").read_bytes() and \
+                    marker in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_worker_killed_while_its_engine_trains_follows_it_again(make_worker, files, tmp_path: Path):
+    """SIGKILL of the worker alone: its engine trains on, the restarted worker follows that engine again (no
+    resume), and the job completes with each step's point once."""
+    import signal
+
+    worker = make_worker().start()
+    Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
+    steps = 100
+    with worker.client() as client:
+        body = payload("survivor", files + "/chat.jsonl", max_steps=steps, eval_steps=50, save_steps=50)
+        external = client.post("/training/submit", json=body).json()["external_job_id"]
+        wait_status(client, external, lambda s: s["current_step"] >= 2 or ended(s))
+    worker.stop(signal.SIGKILL)
+    assert engine_pids(worker.home), "the engine did not outlive its worker"
+    worker.start()
+    assert engine_pids(worker.home), "the engine ended before the worker was back: nothing to follow live"
+    with worker.client() as client:
+        status = wait_status(client, external, ended)
+        page = client.get(f"/training/events/{external}", params={"after": 0}).json()
+    assert status["status"] == "completed" and status["current_step"] == steps, status
+    metric_steps = [e["event"]["step"] for e in page["events"] if e["event"]["type"] == "metric"]
+    assert metric_steps == list(range(1, steps + 1))
+    log = next((worker.home / "data" / "logs").glob(f"{external}*.log")).read_text()
+    assert "resuming from checkpoint-" not in log   # followed, not restarted

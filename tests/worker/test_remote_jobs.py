@@ -187,3 +187,22 @@ def check_receiver_refuses_what_it_must(control, job_id: str, dataset_id: str) -
         answer = httpx.get(url)
         assert answer.status_code == 401, (url, answer.text)
     assert "sig=[redacted]" in control.home.joinpath("server.log").read_text()
+
+
+def test_a_signature_that_is_not_hex_is_refused_not_a_server_error(make_worker, make_control):
+    """A non-ASCII or non-hex ``sig`` / ``v1`` (or ``expires`` / ``t`` in other digits) is a bad signature: 401."""
+    import httpx
+
+    control = make_control(make_worker()).start()   # the worker is never asked
+    future = str(int(time.time()) + 600)
+    for expires, sig in ((future, "é" * 64), (future, "z" * 64), (future, "ab"), ("²" * 10, "a" * 64)):
+        for method, path in (("GET", "/api/datasets/some-id/blob"), ("PUT", "/api/jobs/some-job/artifact")):
+            answer = httpx.request(method, control.url + path, params={"expires": expires, "sig": sig}, content=b"x")
+            assert answer.status_code == 401, (method, path, sig, answer.status_code, answer.text)
+    body = json.dumps({"kind": "metrics", "event_id": "e1", "status": {"external_job_id": "x", "job_id": "y",
+                                                                       "status": "running"}}).encode()
+    for header in (f"t={int(time.time())},v1={'é' * 64}", f"t={int(time.time())},v1=nothex", "t=²²,v1=" + "a" * 64):
+        answer = httpx.post(control.url + "/api/callbacks/training", content=body,
+                            headers={"X-USF-Signature": header.encode(), "X-USF-Event-Id": "e1",
+                                     "Content-Type": "application/json"})
+        assert answer.status_code == 401, (header, answer.status_code, answer.text)

@@ -3,8 +3,8 @@
 Both sides use these models: the worker (usf_bios/worker/app.py) answers with them and the control plane's
 remote executor (control/executors/remote.py) reads them. A submit carries a job spec in the seed's shape —
 ``hyperparameters`` holds ``base_model`` and every JobSpec hyperparameter, ``gpu_config`` the GPUs — and may carry
-the rest of the JobSpec (``name``, ``dataset_format``, ``performance``) at top level; ``submit_spec`` turns it
-into the one JobSpec type.
+the rest of the JobSpec (``name``, ``dataset_format``, ``performance``, ``trust_remote_code``, ``report_to``) at top
+level; ``submit_spec`` turns it into the one JobSpec type.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class SubmitRequest(BaseModel):
     dataset_format: str | None = None
     performance: dict[str, Any] | None = None
     trust_remote_code: bool | None = None
+    report_to: list[str] | None = Field(None, description="The JobSpec's report_to: tools the worker also sends the "
+                                        "metrics to (each installed and configured on the worker).")
 
 
 def default_name(job_id: str) -> str:
@@ -51,7 +53,7 @@ def submit_spec(request: SubmitRequest) -> JobSpec:
     gpu = {key: value for key, value in request.gpu_config.items() if key != "executor"}
     data: dict[str, Any] = {"name": request.name or default_name(request.job_id), "base_model": base_model,
                             "dataset": DATASET_PLACEHOLDER, "hyperparameters": hyper, "gpu_config": gpu}
-    for field in ("dataset_format", "performance", "trust_remote_code"):
+    for field in ("dataset_format", "performance", "trust_remote_code", "report_to"):
         if getattr(request, field) is not None:
             data[field] = getattr(request, field)
     if base_model is None:
@@ -66,7 +68,8 @@ def submit_payload(job_id: str, dataset_url: str, spec: JobSpec, callback_url: s
             "hyperparameters": {"base_model": data["base_model"], **data["hyperparameters"]},
             "gpu_config": {key: value for key, value in data["gpu_config"].items() if key != "executor"},
             "callback_url": callback_url, "name": data["name"], "dataset_format": data["dataset_format"],
-            "performance": data["performance"], "trust_remote_code": data["trust_remote_code"]}
+            "performance": data["performance"], "trust_remote_code": data["trust_remote_code"],
+            "report_to": data["report_to"]}
 
 
 class SubmitAccepted(BaseModel):
@@ -78,7 +81,8 @@ class RemoteMetrics(BaseModel):
     validation_loss: float | None = None
     learning_rate: float | None = None
     throughput: float | None = Field(None, description="Tokens per second of the latest step.")
-    gpu_utilization: float | None = Field(None, description="GPU memory in GiB of the latest step (peak allocated).")
+    gpu_utilization: float | None = Field(None, description="Utilization in percent (NVML) of the job's GPUs, "
+                                          "averaged, while it runs.")
 
 
 class ArtifactInfo(BaseModel):

@@ -6,7 +6,7 @@ job sent again after the container was recycled continues from its checkpoint. W
 sends RunPod progress updates (the contract's status and the new events), and the signed callbacks go to
 ``callback_url`` as from the HTTP worker. A completed job's output folder is PUT as a tar to
 ``artifact_upload_url`` (a signed URL of the control plane); the handler's output is the final status with its
-artifact's size and sha256 and every event, or ``{"error": …}`` for a job that failed.
+artifact's size and sha256 and every event (paged from the worker, not one page), or ``{"error": …}`` for a job that failed.
 
 RunPod's own SDK drives it: ``runpod.serverless.start({"handler": handler})``; its local modes run it here too
 (``--test_input '{"input": {…}}'`` once, or ``--rp_serve_api`` as a local endpoint).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 import time
 from typing import Any
 
@@ -27,6 +28,8 @@ from usf_bios.worker.contract import SubmitRequest
 from usf_bios.worker.service import worker_settings
 
 PROGRESS_INTERVAL_S = 5.0
+WATCH_S = 0.5          # how often the handler looks at its job
+PROGRESS_OVERLAP = 4   # each progress update repeats the events of the previous three
 _service_lock = threading.Lock()
 _running: dict[str, Any] = {}
 
@@ -51,6 +54,15 @@ def _progress(job: dict[str, Any], update: dict[str, Any]) -> None:
         import runpod
 
         runpod.serverless.progress_update(job, update)
+
+
+def all_events(worker: Any, external: str, after: int) -> list[dict[str, Any]]:
+    """Every event of the job after ``after``, page by page (a page holds at most MAX_EVENTS_PAGE)."""
+    events: list[dict[str, Any]] = []
+    while (page := worker.events(external, after)).events:
+        events.extend(e.model_dump(mode="json") for e in page.events)
+        after = page.next
+    return events
 
 
 def upload_artifact(url: str, path: Any, expected_sha256: str, allowed_hosts: tuple[str, ...]) -> None:
@@ -81,23 +93,22 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         external = worker.submit(request)
     except DomainError as err:
         return {"error": str(err)}
-    sent, last_update = 0, 0.0
+    starts: deque[int] = deque([0], maxlen=PROGRESS_OVERLAP)   # where the last updates' windows ended
+    last_update = 0.0
     while True:
         status = worker.status(external)
         if status.status in ("completed", "failed", "cancelled"):
             break
         if time.monotonic() - last_update >= PROGRESS_INTERVAL_S:
-            page = worker.events(external, sent)
-            _progress(job, {"status": status.model_dump(mode="json"), "after": sent,
-                            "events": [e.model_dump(mode="json") for e in page.events]})
-            sent, last_update = page.next, time.monotonic()
-        time.sleep(0.5)
+            events = all_events(worker, external, starts[0])
+            _progress(job, {"status": status.model_dump(mode="json"), "after": starts[0], "events": events})
+            starts.append(events[-1]["seq"] if events else starts[-1])
+            last_update = time.monotonic()
+        time.sleep(WATCH_S)
     if status.status == "completed" and upload_url and status.artifact is not None:
         upload_artifact(upload_url, worker.artifact_path(external), status.artifact.sha256,
                         worker.settings.worker_allowed_hosts)
-    events = worker.events(external, 0)
-    output = {"status": status.model_dump(mode="json"), "after": 0,
-              "events": [e.model_dump(mode="json") for e in events.events]}
+    output = {"status": status.model_dump(mode="json"), "after": 0, "events": all_events(worker, external, 0)}
     if status.status == "failed":
         return {"error": status.error or "the job failed", **output}
     return output

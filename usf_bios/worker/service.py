@@ -36,6 +36,7 @@ from usf_bios.datasets.readers import SUPPORTED_SUFFIXES
 from usf_bios.engine.events import read_events_at
 from usf_bios.engine.jobdir import create_job, new_job_id
 from usf_bios.engine.model import device_problems
+from usf_bios.engine.reporters import ReporterError, check_reporters
 from usf_bios.models.sources import ModelNotFound, resolve_model
 from usf_bios.netguard import BlockedURL, fetch_to_file, resolve_checked
 from usf_bios.settings import Settings
@@ -105,6 +106,10 @@ class WorkerService:
         self._check_url(request.dataset_url, "dataset_url")
         if request.callback_url:
             self._check_url(request.callback_url, "callback_url")
+        try:
+            check_reporters(spec)   # report_to: each tool's package installed and configured on this worker
+        except ReporterError as err:
+            raise Invalid("report_to", str(err).removeprefix("report_to: ")) from None
         return spec
 
     def _check_url(self, url: str, field: str) -> None:
@@ -114,7 +119,8 @@ class WorkerService:
         if parts.scheme not in ("http", "https"):
             raise Invalid(field, f"only http and https URLs are taken, not {parts.scheme or 'a relative URL'!r}")
         try:
-            resolve_checked(parts.hostname or "", parts.port or 80, self.settings.worker_allowed_hosts)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            resolve_checked(parts.hostname or "", port, self.settings.worker_allowed_hosts)
         except (BlockedURL, ValueError) as err:
             raise Invalid(field, str(err)) from None
 
@@ -124,7 +130,7 @@ class WorkerService:
         with self.db.session() as session:
             existing = session.scalar(select(WorkerSubmission).where(WorkerSubmission.job_id == request.job_id))
             if existing is not None:
-                self._continue(session, existing)
+                self._continue(session, existing, request)
                 return existing.id
         spec = self.check(request)
         sub = WorkerSubmission(id=new_job_id(spec.name), job_id=request.job_id, state="fetching",
@@ -141,15 +147,24 @@ class WorkerService:
         self._fetchers.submit(self._fetch, sub.id)
         return sub.id
 
-    def _continue(self, session, sub: WorkerSubmission) -> None:  # noqa: ANN001
-        """A submit again of a job that ended without completing: it goes on (a fetch again, or a resume)."""
+    def _continue(self, session, sub: WorkerSubmission, request: SubmitRequest) -> None:  # noqa: ANN001
+        """A submit again of a job that ended without completing: it goes on (a fetch again, or a resume) with the
+        new submit's dataset_url and callback_url (a fresh signed URL; the old one may have expired), checked as a
+        first submit's are."""
+        job = session.get(Job, sub.id)
+        restart = sub.state in ("failed", "cancelled") or (
+            job is not None and job.status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value))
+        if restart:
+            self._check_url(request.dataset_url, "dataset_url")
+            if request.callback_url:
+                self._check_url(request.callback_url, "callback_url")
+            sub.dataset_url, sub.callback_url = request.dataset_url, request.callback_url
         if sub.state in ("failed", "cancelled"):
             sub.state, sub.error, sub.finished_at, sub.callback_status = "fetching", None, None, None
             session.commit()
             self._fetchers.submit(self._fetch, sub.id)
             return
-        job = session.get(Job, sub.id)
-        if job is not None and job.status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+        if restart and job is not None:
             def again(job: Job) -> None:
                 lifecycle.requeue(job, reset_attempts=True)
                 job.error = None

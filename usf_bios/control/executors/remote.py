@@ -96,7 +96,7 @@ class RemoteExecutor:
         client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False,
                               headers={"Authorization": f"Bearer {settings.gpu_cluster_api_key}"})
         self.transport: Transport = transport or (RunPodTransport(client, layout.output) if self._kind() == "runpod"
-                                                  else WorkerTransport(client))
+                                                  else WorkerTransport(client, settings.max_artifact_mb * 2**20))
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
         if not settings.public_url:
@@ -252,14 +252,24 @@ class RemoteExecutor:
             snapshot: Snapshot = self.transport.snapshot(job.external_id, job_id)
             job.reported, job.last_answer = snapshot.status, time.monotonic()
             self._save(job_id, job)
+            artifact = snapshot.status.artifact
+            if artifact is not None and artifact.size_bytes > self.settings.max_artifact_mb * 2**20 and not job.done:
+                raise RemoteRefused(f"the artifact of {artifact.size_bytes >> 20} MB is over USF_MAX_ARTIFACT_MB "
+                                    f"({self.settings.max_artifact_mb} MB)")
             if snapshot.events is not None:
                 self._take(job_id, job, snapshot.events, snapshot.after)
+                # a done event it could take, held back until the artifact is here (the next poll tries again)
+                pending = snapshot.after <= job.cursor and any(e.seq > job.cursor and e.event.get("type") == "done"
+                                                               for e in snapshot.events)
             else:
                 while (page := self.transport.events(job.external_id, job.cursor)) and page.events:
                     if not self._take(job_id, job, page.events, job.cursor):
                         break
-            drained = snapshot.events is not None or page is None or not page.events
-            if snapshot.status.status not in ALIVE and not job.done and drained and snapshot.status.status != "completed":
+                pending = bool(page and page.events)   # stopped before a done event until the artifact is here
+            ended = snapshot.status.status not in ALIVE and not job.done and not pending
+            if ended and snapshot.status.status == "completed":
+                self._complete_without_done(job_id, job, snapshot.status)
+            elif ended:
                 # ended without a done event of its own (refused by the worker, cancelled before it started)
                 self._end(job_id, job, JobStatus(snapshot.status.status),
                           snapshot.status.error or f"the remote job is {snapshot.status.status}")
@@ -268,13 +278,24 @@ class RemoteExecutor:
         except (httpx.HTTPError, ValueError) as err:
             log.warning("job %s: %s did not answer (%s)", job_id, self.url, err)
 
+    def _complete_without_done(self, job_id: str, job: RemoteJob, status: RemoteJobStatus) -> None:
+        """The remote side completed, but no done event past the cursor reached here (a RunPod output cut short, or
+        a completion callback ahead of the artifact's upload): once the artifact is here the job completes."""
+        if status.artifact is None:
+            return
+        if self._fetch_artifact(job_id, job):
+            log.warning("job %s: completed remotely without a done event after %d; completed from its artifact",
+                        job_id, job.cursor)
+            self._end(job_id, job, JobStatus.COMPLETED, None)
+
     def _end(self, job_id: str, job: RemoteJob, status: JobStatus, error: str | None) -> None:
         self._append(job_id, [DoneEvent(status=status, error=error if status != JobStatus.CANCELLED else None)])
         job.done = True
         self._save(job_id, job)
 
     def _take(self, job_id: str, job: RemoteJob, events: list[SequencedEvent], after: int) -> bool:
-        """Mirror the events that continue what is mirrored (in order; those already here skipped); stop before
+        """Mirror the events that continue what is mirrored (in order; those already here skipped by their sequence
+        number, so overlapping windows — RunPod's progress updates, a callback and a poll — are taken once); stop before
         the done event of a completed job until its artifact is here. True when every event was taken."""
         if after > job.cursor:
             return False   # a gap: the poll fetches what is missing
@@ -306,6 +327,10 @@ class RemoteExecutor:
         """Bring the completed job's tar here, check its sha256 and unpack it into the job's output folder."""
         status = job.reported
         if status is None or status.artifact is None:
+            return False
+        if status.artifact.size_bytes > self.settings.max_artifact_mb * 2**20:
+            log.warning("job %s: the artifact of %d bytes is over USF_MAX_ARTIFACT_MB; not fetched", job_id,
+                        status.artifact.size_bytes)
             return False
         partial = self.layout.output / f"{job_id}.artifact.part"
         try:

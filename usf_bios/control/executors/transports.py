@@ -54,12 +54,16 @@ def _checked(answer: httpx.Response) -> dict[str, Any]:
     return answer.json()
 
 
-def _stream_to(client: httpx.Client, path: str, dest: Path) -> str:
-    digest = hashlib.sha256()
+def _stream_to(client: httpx.Client, path: str, dest: Path, max_bytes: int) -> str:
+    """The body of GET ``path`` into ``dest``, its sha256; cut off (RemoteRefused) past ``max_bytes``."""
+    digest, size = hashlib.sha256(), 0
     with client.stream("GET", path) as answer:
         answer.raise_for_status()
         with dest.open("wb") as out:
             for chunk in answer.iter_bytes(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RemoteRefused(f"the artifact is over USF_MAX_ARTIFACT_MB ({max_bytes >> 20} MB); cut off")
                 digest.update(chunk)
                 out.write(chunk)
     return digest.hexdigest()
@@ -70,8 +74,8 @@ class WorkerTransport:
 
     kind = "worker"
 
-    def __init__(self, client: httpx.Client):
-        self.client = client
+    def __init__(self, client: httpx.Client, max_artifact_bytes: int):
+        self.client, self.max_artifact_bytes = client, max_artifact_bytes
 
     def submit(self, payload: dict[str, Any], known: str | None) -> str:
         return SubmitAccepted.model_validate(_checked(self.client.post("/training/submit", json=payload))).external_job_id
@@ -86,7 +90,7 @@ class WorkerTransport:
         _checked(self.client.post(f"/training/cancel/{external}"))
 
     def fetch_artifact(self, external: str, job_id: str, dest: Path) -> str:
-        return _stream_to(self.client, f"/training/artifacts/{external}", dest)
+        return _stream_to(self.client, f"/training/artifacts/{external}", dest, self.max_artifact_bytes)
 
     def health(self) -> str:
         answer = self.client.get("/health", timeout=3)
@@ -176,4 +180,6 @@ def uploaded_artifact(folder: Path, job_id: str) -> Path:
 
 
 def is_runpod_url(url: str) -> bool:
-    return (urlsplit(url).hostname or "").endswith("runpod.ai")
+    """A RunPod endpoint URL: its host runpod.ai or a subdomain of it (not evilrunpod.ai)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    return host == "runpod.ai" or host.endswith(".runpod.ai")
