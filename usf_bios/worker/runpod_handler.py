@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 import time
+from collections import deque
 from typing import Any
 
 import httpx
