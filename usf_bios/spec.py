@@ -108,7 +108,8 @@ class Performance(_Strict):
     host_embeddings: Switch = Field(
         "auto", description="Keep the frozen input embedding table in host memory and copy each pass's rows to the "
         "GPU (1.05 GB less GPU memory for Llama-3.1-8B). auto: on a GPU with checkpointing all or offload (the "
-        "small-footprint plans); a table tied to the output layer, or trained, stays on the GPU.")
+        "small-footprint plans); a table tied to the output layer, or trained, or a job of several ranks keeps it on "
+        "the GPU.")
 
 
 class GpuConfig(_Strict):

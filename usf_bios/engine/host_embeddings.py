@@ -5,7 +5,8 @@ memory, the rows are gathered there into pinned memory and copied to the GPU wit
 stream, so the first layer reads them once they are there). That frees vocab × hidden × 2 bytes of GPU memory
 (1.05 GB for Llama-3.1-8B, 1.09 GB for Qwen2.5-7B) for a copy of tokens × hidden × 2 bytes a pass (128 MiB at
 16,384 tokens of Llama-3.1-8B). A table tied to the output layer stays where it is: the output layer needs it on
-the GPU.
+the GPU. Jobs of several ranks keep it on the GPU too: FSDP2 shards it with the rest, and DistributedDataParallel
+refuses a model whose parameters are on two kinds of device (``engine/run.py``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,10 @@ def setup(job_id: str, spec: JobSpec, layout: StorageLayout, events: EventLog, s
         if hp.quantization == "4bit":
             events.log("QLoRA with FSDP2: the 4-bit weights are stored as " + placement.precision + " "
                        "(bnb_4bit_quant_storage) so FSDP2 can shard them; this path has not been run on GPUs yet")
+    elif world.distributed and plan.host_embeddings:   # DDP refuses a model on two kinds of device
+        plan = replace(plan, host_embeddings=False)
+        events.log("host embeddings off: DistributedDataParallel takes a model whose parameters are all on one kind "
+                   "of device")
     base = load_base_model(resolved, spec, placement, config, sharded=sharded)
     model, plan, notes = build_model(base, spec, plan, placement)
     for note in notes:
