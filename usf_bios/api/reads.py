@@ -8,7 +8,8 @@ dependency resolution) and the key lookup another query, so the server answered 
   server is seen by the next request, at once; a change made by another process on the same database (a second
   server on one USF_HOME, `usf-bios keys revoke`) within ``MAX_AGE_S`` (a max age rather than SQLite's ``PRAGMA
   data_version``: the same bound on SQLite and PostgreSQL, and no query per request). A value being read is read
-  once, whoever asks meanwhile waits for that one read (no stampede of 200 reads when an entry goes stale).
+  once, whoever asks meanwhile waits for that one read (no stampede of 200 reads when an entry goes stale); past
+  half its age a value is read again in the background while it is still handed out.
 - A key is cached by its SHA-256, and only when it is valid: an unknown key is looked up every time (a key created a
   moment ago works at once), a revoked key is refused by the next request (revoked here) or within ``MAX_AGE_S``.
 - ``FastReads`` (pure ASGI, after the Host/Origin guard) answers ``GET /api/health`` and ``GET /api/jobs`` with
