@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
                                        "seconds": round(time.monotonic() - started, 3)}
         report["sigterm_seconds"] = stop(server)
         if not args.watch_seconds:
+            report["load_average_after"] = os.getloadavg()[0]
             print(json.dumps(report, indent=1))
             return
 
