@@ -28,7 +28,7 @@ def key_id(admin: httpx.Client, name: str) -> str:
 
 
 @pytest.fixture
-def keyed(make_server, tiny_model_template, tmp_path):
+def keyed_server(make_server, tiny_model_template, tmp_path):
     """A server requiring keys whose jobs stay queued; admin, alice and bob clients; alice's model and dataset."""
     server = make_server(USF_REQUIRE_AUTH="1", USF_MAX_CPU_JOBS="0").start()
     keys = {name: server.create_key(name, admin=name == "admin") for name in ("admin", "alice", "bob")}
@@ -40,8 +40,8 @@ def keyed(make_server, tiny_model_template, tmp_path):
         client.close()
 
 
-def test_a_change_is_in_the_next_list_and_no_key_sees_another_keys_page(keyed):
-    server, keys, c = keyed
+def test_a_change_is_in_the_next_list_and_no_key_sees_another_keys_page(keyed_server):
+    server, keys, c = keyed_server
     assert listed(c["alice"])["total"] == listed(c["bob"])["total"] == listed(c["admin"])["total"] == 0   # all cached
     job = submit(c["alice"], job_spec("tiny", "chat"))
     page = listed(c["alice"])
@@ -72,8 +72,8 @@ def within(seconds: float, check) -> float | None:
     return None
 
 
-def test_a_revoked_key_is_refused_at_once_here_and_soon_by_another_server(keyed, make_server):
-    server, keys, c = keyed
+def test_a_revoked_key_is_refused_at_once_here_and_soon_by_another_server(keyed_server, make_server):
+    server, keys, c = keyed_server
     assert listed(c["bob"])["total"] == listed(c["alice"])["total"] == listed(c["admin"])["total"] == 0   # cached
     assert c["admin"].delete(f"/keys/{key_id(c['admin'], 'bob')}").status_code == 204
     assert c["bob"].get("/jobs").status_code == 401                                # revoked here: the next request
