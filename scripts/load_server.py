@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--postgres", action="store_true",
-                        help="start a throwaway PostgreSQL server (tests/api/postgres.py) and use a fresh database on it")
+                        help="start a throwaway PostgreSQL (tests/api/postgres.py) and use fresh databases on it")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--watch-seconds", type=float, default=60, help="0: no SSE part")
@@ -77,7 +77,8 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    report: dict = {"database": "postgresql" if args.database_url else "sqlite", "load_average_before": os.getloadavg()[0]}
+    report: dict = {"database": "postgresql" if args.database_url else "sqlite",
+                    "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as folder:
         server, client, key = start(Path(folder) / "a", args.database_url, USF_MAX_CPU_JOBS="0")
         for i in range(50):

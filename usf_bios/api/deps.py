@@ -34,7 +34,8 @@ def missing_key() -> HTTPException:
 
 
 def refused_key() -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
+                         headers={"WWW-Authenticate": "Bearer"})
 
 
 def caller_for(key: str | None, session: Session, auth_required: bool) -> Caller:
