@@ -1,8 +1,10 @@
 """The server under load, as docs/benchmarks.md reports it: a real `usf-bios serve` on loopback with its own storage
 root, 50 queued jobs, then 200 clients x 20 requests on GET /api/jobs and on GET /api/health, 200 SSE watchers of
-one running job with /api/health probed meanwhile, recovery after the load, and SIGTERM.
+one running job with /api/health probed meanwhile, recovery after the load, and SIGTERM. API keys are required
+(USF_REQUIRE_AUTH=1) and every request carries an admin key.
 
-    python scripts/load_server.py [--database-url postgresql://…] [--clients 200] [--requests 20]
+    python scripts/load_server.py [--postgres | --database-url postgresql://…] [--clients 200] [--requests 20]
+                                  [--watch-seconds 60]
 
 Run from the repository root (it builds a tiny model with the tests' helpers). Prints one JSON object.
 """
@@ -26,20 +28,22 @@ import httpx  # noqa: E402
 from tests.api.conftest import Server, kill_engines  # noqa: E402
 from tests.api.flows import job_spec, register_model, submit, tiny_model_in, upload_dataset  # noqa: E402
 from tests.conftest import chat_rows, write_jsonl  # noqa: E402
-from usf_bios.bench.load import hammer, watch_events  # noqa: E402
+from usf_bios.bench.load import hammer, run_loop, watch_events  # noqa: E402
 
 
-def start(home: Path, database_url: str | None, **extra: str) -> tuple[Server, httpx.Client]:
+def start(home: Path, database_url: str | None, **extra: str) -> tuple[Server, httpx.Client, str]:
+    """A server requiring API keys (USF_REQUIRE_AUTH), an admin key and a client with it, a model and a dataset."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("USF_")}
-    env.update({"USF_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra})
+    env.update({"USF_HOME": str(home), "HF_HUB_OFFLINE": "1", "USF_REQUIRE_AUTH": "1", **extra})
     home.mkdir(parents=True, exist_ok=True)
     if database_url:
         env["DATABASE_URL"] = database_url
     server = Server(home=home, env=env).start()
-    client = server.client()
+    key = server.create_key("load", admin=True)
+    client = server.client(key)
     register_model(client, "tiny", tiny_model_in(home))
     upload_dataset(client, write_jsonl(home / "chat.jsonl", chat_rows(24)), "chat")
-    return server, client
+    return server, client, key
 
 
 def stop(server: Server) -> float:
@@ -52,34 +56,60 @@ def stop(server: Server) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--postgres", action="store_true",
+                        help="start a throwaway PostgreSQL (tests/api/postgres.py) and use fresh databases on it")
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--watch-seconds", type=float, default=60)
+    parser.add_argument("--watch-seconds", type=float, default=60, help="0: no SSE part")
     args = parser.parse_args()
-    report: dict = {"load_average_before": os.getloadavg()[0]}
+    postgres = None
+    if args.postgres:
+        from tests.api.postgres import start_postgres
+
+        postgres = start_postgres()
+        args.database_url = postgres.new_database()
+        args.second_database_url = postgres.new_database()   # the SSE part's server starts empty too
+    try:
+        run(args)
+    finally:
+        if postgres is not None:
+            postgres.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    report: dict = {"database": "postgresql" if args.database_url else "sqlite",
+                    "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as folder:
-        server, client = start(Path(folder) / "a", args.database_url, USF_MAX_CPU_JOBS="0")
+        server, client, key = start(Path(folder) / "a", args.database_url, USF_MAX_CPU_JOBS="0")
         for i in range(50):
             submit(client, job_spec("tiny", "chat", name=f"job-{i}"))
         for path in ("/api/jobs", "/api/health"):
-            result = asyncio.run(hammer("127.0.0.1", server.port, path, args.clients, args.requests, timeout=120))
+            # one request first: the clock starts on a server that has answered this route once (its queries
+            # compiled, its first page read), as any server that has been up a while has
+            assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            result = run_loop(hammer("127.0.0.1", server.port, path, args.clients, args.requests, key, timeout=120))
             report[path] = result.summary()
         started = time.monotonic()
         report["health_after_load"] = {"status": httpx.get(server.url + "/api/health", timeout=5).status_code,
                                        "seconds": round(time.monotonic() - started, 3)}
         report["sigterm_seconds"] = stop(server)
+        if not args.watch_seconds:
+            report["load_average_after"] = os.getloadavg()[0]
+            print(json.dumps(report, indent=1))
+            return
 
-        server, client = start(Path(folder) / "b", args.database_url)
+        server, client, key = start(Path(folder) / "b", getattr(args, "second_database_url", args.database_url))
         job = submit(client, job_spec("tiny", "chat", max_steps=100000, eval_steps=50, save_steps=1000))
 
         async def watch() -> tuple:
-            watchers = [watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", args.watch_seconds)
+            watchers = [watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", args.watch_seconds,
+                                     key)
                         for _ in range(args.clients)]
-            probe = hammer("127.0.0.1", server.port, "/api/health", 5, int(args.watch_seconds * 4), timeout=10,
+            probe = hammer("127.0.0.1", server.port, "/api/health", 5, int(args.watch_seconds * 4), key, timeout=10,
                            interval=0.25)   # 20 requests a second for the whole watch
             return await asyncio.gather(asyncio.gather(*watchers), probe)
 
-        watches, health = asyncio.run(watch())
+        watches, health = run_loop(watch())
         counts = sorted(len(w.ids) for w in watches)
         report["sse"] = {"watchers": len(watches), "errors": sum(1 for w in watches if w.error),
                          "events_min": counts[0], "events_max": counts[-1],

@@ -114,8 +114,11 @@ def serve(
     if application.state.auth_required:
         why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
         console.print(f"API keys required ({why}); create one with `usf-bios keys create --name NAME --admin`")
-    # open event streams never end by themselves: give them SHUTDOWN_GRACE_S on SIGTERM, then close them
-    uvicorn.run(application, host=host, port=port or settings.port, log_level="info",
+    # open event streams never end by themselves: give them SHUTDOWN_GRACE_S on SIGTERM, then close them.
+    # asyncio's own loop, not uvloop: under 200 busy keep-alive clients uvloop served the first request of some new
+    # connections only after 150-470 ms (the others' requests went first), asyncio's loop all of them within the
+    # batch, at the same throughput (docs/benchmarks.md, "The server under load").
+    uvicorn.run(application, host=host, port=port or settings.port, log_level="info", loop="asyncio",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 

@@ -28,15 +28,24 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         session.close()
 
 
+def missing_key() -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def refused_key() -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
 def caller_for(key: str | None, session: Session, auth_required: bool) -> Caller:
     if key is None:
         if auth_required:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise missing_key()
         return LOCAL_USER
     caller = caller_for_key(session, key)
     if caller is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        raise refused_key()
     return caller
 
 
@@ -44,11 +53,20 @@ SESSIONS_AT_ONCE = 30   # below the pool's connections (control/db.py POOL), bes
 SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=SESSIONS_AT_ONCE)]
 
 
-def get_caller(request: Request, session: SessionDep) -> Caller:
+async def get_caller(request: Request) -> Caller:
+    """The caller of the request's key: valid keys are cached (api/reads.py), so most requests need no query."""
     known = getattr(request.state, "caller", None)   # already checked before the body was read (api/bodies.py)
     if known is not None:
         return known
-    return caller_for(bearer(request.headers.get("authorization")), session, request.app.state.auth_required)
+    key = bearer(request.headers.get("authorization"))
+    if key is None:
+        if request.app.state.auth_required:
+            raise missing_key()
+        return LOCAL_USER
+    caller = await request.app.state.reads.caller(key)
+    if caller is None:
+        raise refused_key()
+    return caller
 
 
 def get_ws_caller(websocket: WebSocket, session: Session) -> Caller:

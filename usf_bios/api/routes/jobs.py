@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from usf_bios.api.deps import CurrentCaller, LayoutDep, SessionDep, SettingsDep, get_ws_caller
 from usf_bios.api.feeds import follow_job
+from usf_bios.api.reads import MAX_OFFSET
 from usf_bios.api.tarstream import tar_stream
 from usf_bios.control import jobs, serving
 from usf_bios.control.errors import DomainError, NotFound
@@ -64,10 +65,13 @@ async def estimate(spec: JobSpec, request: Request, caller: CurrentCaller, sessi
 
 
 @router.get("/jobs", response_model=JobsPublic)
-def list_jobs(caller: CurrentCaller, session: SessionDep, status_filter: JobStatus | None = Query(None, alias="status"),
-              limit: int = Query(50, ge=1, le=jobs.MAX_LIST), offset: int = Query(0, ge=0, le=2**31 - 1)) -> JobsPublic:
-    return jobs.find_jobs(session=session, caller=caller, statuses=None if status_filter is None else [status_filter],
-                          limit=limit, offset=offset)
+async def list_jobs(request: Request, caller: CurrentCaller,
+                    status_filter: JobStatus | None = Query(None, alias="status"),
+                    limit: int = Query(50, ge=1, le=jobs.MAX_LIST),
+                    offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> Response:
+    """Newest first. Mostly answered by api/reads.py before it gets here; the same cached page either way."""
+    page = await request.app.state.reads.job_page(caller, status_filter, limit, offset)
+    return Response(page, media_type="application/json")
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
