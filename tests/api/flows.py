@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -62,3 +63,12 @@ def wait_for(client: httpx.Client, job_id: str, until: Callable[[dict[str, Any]]
 
 def final(job: dict[str, Any]) -> bool:
     return job["status"] in ("completed", "failed", "cancelled")
+
+
+def run_async(coroutine):
+    """asyncio.run in a thread of its own: a test before this one in the same worker process (a browser test's
+    Playwright) may leave an event loop set on the main thread, where asyncio.run refuses to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

@@ -14,18 +14,10 @@ import time
 import httpx
 import pytest
 
-from tests.api.flows import job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
+from tests.api.flows import job_spec, register_model, run_async, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, event_dicts, write_jsonl
 from usf_bios.bench.load import hammer, watch_events
 
-
-def run(coroutine):
-    """asyncio.run in a thread of its own: a test before this one in the same worker process (a browser test's
-    Playwright) may leave an event loop set on the main thread, where asyncio.run refuses to start."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +48,12 @@ def test_200_concurrent_clients_get_every_answer(make_server, tmp_path, tiny_mod
     for i in range(50):
         submit(client, job_spec("tiny", "chat", name=f"job-{i}"))
     assert client.get("/jobs").json()["total"] == 50 and client.get("/health").status_code == 200   # warm
-    listed = run(hammer("127.0.0.1", server.port, "/api/jobs", clients=200, requests=20, key=key, timeout=120))
+    listed = run_async(hammer("127.0.0.1", server.port, "/api/jobs", clients=200, requests=20, key=key, timeout=120))
     assert listed.errors == {} and dict(listed.statuses) == {200: 4000}, listed.summary()
-    health = run(hammer("127.0.0.1", server.port, "/api/health", clients=200, requests=20, key=key, timeout=60))
+    health = run_async(hammer("127.0.0.1", server.port, "/api/health", clients=200, requests=20, key=key, timeout=60))
     assert health.errors == {} and dict(health.statuses) == {200: 4000}, health.summary()
-    refused = run(hammer("127.0.0.1", server.port, "/api/jobs", clients=20, requests=5, key="usf_wrong", timeout=60))
+    refused = run_async(hammer("127.0.0.1", server.port, "/api/jobs", clients=20, requests=5, key="usf_wrong",
+                               timeout=60))
     assert dict(refused.statuses) == {401: 100}, refused.summary()
     if os.environ.get("USF_LOAD_TARGET") == "1":   # issue 14's target, where the machine is quiet enough
         assert listed.percentile(99) < 0.1 and health.percentile(99) < 0.1, (listed.summary(), health.summary())
@@ -77,7 +70,7 @@ def test_200_event_streams_of_one_job_get_every_event(make_server, tmp_path, tin
         probe = hammer("127.0.0.1", server.port, "/api/health", clients=5, requests=40, timeout=10)
         return await asyncio.gather(asyncio.gather(*watchers), probe)
 
-    watches, health = run(watch_while_probing())
+    watches, health = run_async(watch_while_probing())
     done = wait_for(client, job["id"], lambda j: j["status"] in ("completed", "failed"), timeout=60)
     assert done["status"] == "completed", done
     path = server.home / "data" / "logs" / f"{job['id']}.events.jsonl"
@@ -95,6 +88,6 @@ def test_200_event_streams_of_one_job_get_every_event(make_server, tmp_path, tin
 def test_a_quiet_stream_sends_keep_alives(make_server, tmp_path, tiny_model_template):
     server, client, _ = ready(make_server, tmp_path, tiny_model_template, USF_MAX_CPU_JOBS="0")
     job = submit(client, job_spec("tiny", "chat"))      # queued for good: nothing to tell
-    watch = run(watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", seconds=17))
+    watch = run_async(watch_events("127.0.0.1", server.port, f"/api/jobs/{job['id']}/events", seconds=17))
     assert watch.error is None and watch.keepalives >= 1 and not watch.ended
     answers_and_stops(server)

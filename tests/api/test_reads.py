@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.flows import job_spec, register_model, submit, tiny_model_in, upload_dataset
+from tests.api.flows import job_spec, register_model, run_async, submit, tiny_model_in, upload_dataset
 from tests.conftest import chat_rows, write_jsonl
 from usf_bios.api.reads import MAX_AGE_S, ReadCache, job_list_query
 from usf_bios.status import JobStatus
@@ -122,4 +122,4 @@ def test_the_cache_reads_once_for_all_who_wait_and_never_keeps_a_read_older_than
         assert await cache.fetch("k", read) == "read in generation 1" and reads == [0, 1]
         assert await cache.fetch("none", lambda: None) is None and "none" not in cache.entries
 
-    asyncio.run(scenario())
+    run_async(scenario())

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.api.conftest import free_port
+from tests.api.flows import run_async
 from usf_bios.api.guard import RequestGuard
 from usf_bios.api.logs import KeyRedactingFilter, redact_keys
 
@@ -139,8 +140,6 @@ async def _call(guard: RequestGuard, scope: dict) -> list[dict]:
 
 @pytest.mark.parametrize("allowed_hosts", [None, {"127.0.0.1"}])
 def test_guard_refuses_two_host_headers_in_the_scope(allowed_hosts):
-    import asyncio
-
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -151,8 +150,8 @@ def test_guard_refuses_two_host_headers_in_the_scope(allowed_hosts):
         return {"type": "http", "method": "GET", "path": "/api/health", "scheme": "http",
                 "headers": [(b"host", h) for h in hosts]}
 
-    assert asyncio.run(_call(guard, scope(b"127.0.0.1")))[0]["status"] == 200
-    refused = asyncio.run(_call(guard, scope(b"127.0.0.1", b"evil.example")))
+    assert run_async(_call(guard, scope(b"127.0.0.1")))[0]["status"] == 200
+    refused = run_async(_call(guard, scope(b"127.0.0.1", b"evil.example")))
     assert refused[0]["status"] == 400 and b"more than one Host header" in refused[1]["body"]
     ws = {**scope(b"127.0.0.1", b"127.0.0.1"), "type": "websocket"}
-    assert asyncio.run(_call(guard, ws))[0]["type"] == "websocket.close"
+    assert run_async(_call(guard, ws))[0]["type"] == "websocket.close"
