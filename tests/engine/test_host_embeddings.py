@@ -81,13 +81,14 @@ def test_the_estimate_leaves_the_table_out_of_gpu_memory():
     config = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 
-    def weights(**performance):
+    def weights(gpus: int = 1, **performance):
         job = JobSpec(name="e", base_model="m", dataset="d", performance={"checkpointing": "all", **performance},
-                      hyperparameters={"quantization": "4bit"})
+                      hyperparameters={"quantization": "4bit"}, gpu_config={"num_gpus": gpus, "strategy": "ddp"})
         return peak_memory(job, config, 8_030_000_000, 42_000_000, 80 * 2**30)[0]["weights"]
 
     table_gib = 128256 * 4096 * 2 / 2**30
     assert weights(host_embeddings="off") - weights() == pytest.approx(table_gib, abs=1e-3)
+    assert weights(gpus=2) == weights(host_embeddings="off")   # DDP keeps the table on each GPU (engine/run.py)
     assert weights(host_embeddings="off") - weights(host_embeddings="on") == pytest.approx(table_gib, abs=1e-3)
     tied = {**config, "tie_word_embeddings": True}
     job = JobSpec(name="e", base_model="m", dataset="d", performance={"checkpointing": "all"})

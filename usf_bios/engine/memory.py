@@ -221,8 +221,8 @@ def peak_memory(spec: "JobSpec", config: dict, parameters: int, lora: int, gpu_b
         weights = parameters * 2
     else:
         weights = embeddings * 2 + (parameters - embeddings) * BITS_PER_QUANTIZED_WEIGHT[hp.quantization] / 8
-    if plan.host_embeddings and not config.get("tie_word_embeddings") and shards == 1:
-        weights -= vocab * h * 2                                       # the input table stays in host memory
+    if plan.host_embeddings and not config.get("tie_word_embeddings") and spec.gpu_config.world_size == 1:
+        weights -= vocab * h * 2        # the input table stays in host memory (a job of one rank: engine/run.py)
     weights /= shards
     lora_bytes = lora * 16                                             # fp32 weight, gradient, two AdamW moments
     free = gpu_bytes - weights - lora_bytes
