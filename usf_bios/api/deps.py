@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, WebSocket, status
 from sqlalchemy.orm import Session
 
 from usf_bios.api.bodies import bearer
-from usf_bios.control.keys import LOCAL_USER, Caller, caller_for_key
+from usf_bios.control.keys import LOCAL_USER, Caller
 from usf_bios.settings import Settings
 from usf_bios.storage import StorageLayout
 
@@ -38,12 +38,14 @@ def refused_key() -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
-def caller_for(key: str | None, session: Session, auth_required: bool) -> Caller:
+async def caller_of(app: Any, key: str | None) -> Caller:
+    """The caller a presented key stands for (valid keys cached, api/reads.py): no key is the local user where keys
+    are not required, else a 401; an unknown or revoked key a 401. The one rule for /api, /v1 and WebSockets."""
     if key is None:
-        if auth_required:
+        if app.state.auth_required:
             raise missing_key()
         return LOCAL_USER
-    caller = caller_for_key(session, key)
+    caller = await app.state.reads.caller(key)
     if caller is None:
         raise refused_key()
     return caller
@@ -54,25 +56,16 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concu
 
 
 async def get_caller(request: Request) -> Caller:
-    """The caller of the request's key: valid keys are cached (api/reads.py), so most requests need no query."""
     known = getattr(request.state, "caller", None)   # already checked before the body was read (api/bodies.py)
     if known is not None:
         return known
-    key = bearer(request.headers.get("authorization"))
-    if key is None:
-        if request.app.state.auth_required:
-            raise missing_key()
-        return LOCAL_USER
-    caller = await request.app.state.reads.caller(key)
-    if caller is None:
-        raise refused_key()
-    return caller
+    return await caller_of(request.app, bearer(request.headers.get("authorization")))
 
 
-def get_ws_caller(websocket: WebSocket, session: Session) -> Caller:
+async def get_ws_caller(websocket: WebSocket) -> Caller:
     """WebSockets: the key comes as a Bearer header or, from browsers, as ?token=."""
     key = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
-    return caller_for(key, session, websocket.app.state.auth_required)
+    return await caller_of(websocket.app, key)
 
 
 def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:

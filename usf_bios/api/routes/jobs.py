@@ -15,6 +15,7 @@ from usf_bios.api.reads import MAX_OFFSET
 from usf_bios.api.tarstream import tar_stream
 from usf_bios.control import jobs, serving
 from usf_bios.control.errors import DomainError, NotFound
+from usf_bios.control.keys import Caller
 from usf_bios.control.lifecycle import JobStatus
 from usf_bios.control.schemas import (CheckpointPublic, EstimatePublic, JobPublic, JobsPublic, MetricPointPublic,
                                       PlacementPublic, VllmServingPublic)
@@ -185,12 +186,12 @@ def events(job_id: str, request: Request, caller: CurrentCaller, session: Sessio
 @router.websocket("/jobs/{job_id}/ws")
 async def websocket(websocket: WebSocket, job_id: str, since: int = -1) -> None:
     """The same feed as /events, one JSON message each: {"id": n, ...event} or {"type": "status", ...}."""
-    def authorize() -> Job:
+    def authorize(caller: Caller) -> Job:
         with websocket.app.state.db.session() as session:
-            return jobs.get_job(session=session, caller=get_ws_caller(websocket, session), job_id=job_id)
+            return jobs.get_job(session=session, caller=caller, job_id=job_id)
 
     try:
-        job = await run_in_threadpool(authorize)
+        job = await run_in_threadpool(authorize, await get_ws_caller(websocket))
     except (HTTPException, DomainError) as err:  # accept first: a close code (4401, 4404) only exists on an open socket
         code = err.status_code if isinstance(err, HTTPException) else 404 if isinstance(err, NotFound) else 400
         await websocket.accept()

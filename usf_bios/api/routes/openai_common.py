@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from usf_bios.api.bodies import bearer
-from usf_bios.api.deps import SessionDep, caller_for
+from usf_bios.api.deps import caller_of
 from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
 from usf_bios.control.keys import LOCAL_USER, Caller
 from usf_bios.datasets.formats import DatasetError
@@ -83,7 +83,7 @@ class OpenAIRoute(APIRoute):
         return handle
 
 
-def get_openai_caller(request: Request, session: SessionDep) -> Caller:
+async def get_openai_caller(request: Request) -> Caller:
     """The key's caller, as under /api. An OpenAI client always sends a key, so on a server without keys (loopback)
     one that is not a USF BIOS key (``usf_…``) counts as none; a ``usf_`` key is checked even there."""
     known = getattr(request.state, "caller", None)
@@ -92,7 +92,7 @@ def get_openai_caller(request: Request, session: SessionDep) -> Caller:
     key = bearer(request.headers.get("authorization"))
     if key is not None and not key.startswith("usf_") and not request.app.state.auth_required:
         return LOCAL_USER
-    return caller_for(key, session, request.app.state.auth_required)
+    return await caller_of(request.app, key)
 
 
 def get_engine(request: Request) -> InferenceEngine:
