@@ -91,12 +91,13 @@ class RemoteExecutor:
             raise ValueError("the remote executor needs GPU_CLUSTER_API_URL and GPU_CLUSTER_API_KEY")
         self.layout, self.settings = layout, settings
         self.url = settings.gpu_cluster_api_url.rstrip("/")
+        self.max_artifact_bytes = settings.max_artifact_mb * 2**20   # USF_MAX_ARTIFACT_MB
         # RunPod answers a status at once; the SDK's local endpoint runs the whole job inside its status call
         timeout = httpx.Timeout(30, read=900) if self._kind() == "runpod" else httpx.Timeout(30)
         client = httpx.Client(base_url=self.url, timeout=timeout, trust_env=False,
                               headers={"Authorization": f"Bearer {settings.gpu_cluster_api_key}"})
         self.transport: Transport = transport or (RunPodTransport(client, layout.output) if self._kind() == "runpod"
-                                                  else WorkerTransport(client, settings.max_artifact_mb * 2**20))
+                                                  else WorkerTransport(client, self.max_artifact_bytes))
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
         if not settings.public_url:
@@ -253,7 +254,7 @@ class RemoteExecutor:
             job.reported, job.last_answer = snapshot.status, time.monotonic()
             self._save(job_id, job)
             artifact = snapshot.status.artifact
-            if artifact is not None and artifact.size_bytes > self.settings.max_artifact_mb * 2**20 and not job.done:
+            if artifact is not None and artifact.size_bytes > self.max_artifact_bytes and not job.done:
                 raise RemoteRefused(f"the artifact of {artifact.size_bytes >> 20} MB is over USF_MAX_ARTIFACT_MB "
                                     f"({self.settings.max_artifact_mb} MB)")
             if snapshot.events is not None:
@@ -328,7 +329,7 @@ class RemoteExecutor:
         status = job.reported
         if status is None or status.artifact is None:
             return False
-        if status.artifact.size_bytes > self.settings.max_artifact_mb * 2**20:
+        if status.artifact.size_bytes > self.max_artifact_bytes:
             log.warning("job %s: the artifact of %d bytes is over USF_MAX_ARTIFACT_MB; not fetched", job_id,
                         status.artifact.size_bytes)
             return False
