@@ -38,7 +38,7 @@ def test_an_embedding_class_of_its_own_runs_its_own_forward_on_the_host():
     model.set_input_embeddings(scaled)
     ids = torch.tensor([[1, 5, 299]])
     expected = scaled(ids)
-    keep_embeddings_on_host(model, torch.device("cpu"))
+    assert keep_embeddings_on_host(model, torch.device("cpu"))[0]
     assert not scaled.forward.plain
     torch.testing.assert_close(scaled(ids), expected)
 
@@ -46,8 +46,8 @@ def test_an_embedding_class_of_its_own_runs_its_own_forward_on_the_host():
 def test_a_tied_or_trained_table_stays_where_it_is():
     tied = tiny_base()
     tied.lm_head.weight = tied.model.embed_tokens.weight
-    note = keep_embeddings_on_host(tied, torch.device("cpu"))
-    assert note.startswith("host embeddings off: the input embeddings are tied")
+    moved, note = keep_embeddings_on_host(tied, torch.device("cpu"))
+    assert not moved and note.startswith("host embeddings off: the input embeddings are tied")
     assert not isinstance(tied.get_input_embeddings().forward, HostEmbeddingLookup)
 
     job = spec(target_modules=["q_proj", "embed_tokens"], gradient_checkpointing=False)

@@ -53,17 +53,18 @@ class HostEmbeddingLookup:
         return rows.to(self.device, non_blocking=pinned)
 
 
-def keep_embeddings_on_host(model: Any, device: torch.device) -> str:
-    """Move the input embedding table to host memory and look it up there; returns a line for the job log (why
-    it stayed, where it could not move)."""
+def keep_embeddings_on_host(model: Any, device: torch.device) -> tuple[bool, str]:
+    """Move the input embedding table to host memory and look it up there; returns whether it moved and a line
+    for the job log (why it stayed, where it could not move)."""
     if embeddings_are_tied(model):
-        return "host embeddings off: the input embeddings are tied to the output layer, which needs them on the GPU"
+        return False, ("host embeddings off: the input embeddings are tied to the output layer, which needs them on "
+                       "the GPU")
     module = model.get_input_embeddings()
     if any(param.requires_grad for param in module.parameters()):
-        return "host embeddings off: the input embeddings are trained (a LoRA target)"
+        return False, "host embeddings off: the input embeddings are trained (a LoRA target)"
     size = module.weight.numel() * module.weight.element_size()
     module.to("cpu")
     module.forward = HostEmbeddingLookup(module, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return f"host embeddings: the input embedding table ({size / 1e9:.2f} GB) is in host memory"
+    return True, f"host embeddings: the input embedding table ({size / 1e9:.2f} GB) is in host memory"

@@ -216,8 +216,9 @@ def build_model(base: Any, spec: JobSpec, plan: SpeedPlan, placement: Placement)
         notes.append(f"loss: full logits, because {why}")
         plan = replace(plan, loss="full")
     if plan.host_embeddings:   # before the pass is sized: the table's GPU memory is free for activations
-        notes.append(keep_embeddings_on_host(model, placement.device))
-        plan = replace(plan, host_embeddings=notes[-1].startswith("host embeddings:"))
+        moved, note = keep_embeddings_on_host(model, placement.device)
+        notes.append(note)
+        plan = replace(plan, host_embeddings=moved)
     dtype_bytes = 4 if placement.precision == "fp32" and hp.quantization == "none" else 2
     pass_tokens = hp.batch_size * hp.max_seq_length
     per_token = activation_bytes_per_token(model.config, hp.lora_dropout, dtype_bytes, plan.fused_lora)
