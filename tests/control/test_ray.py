@@ -11,7 +11,9 @@ Bounded: every wait has a timeout; the cluster is stopped by killing its own pro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -22,6 +24,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import Server, kill_engines
+from tests.api.test_distributed_jobs import job_processes
 from tests.api.flows import final, job_spec, register_model, submit, tiny_model_in, upload_dataset, wait_for
 from tests.conftest import chat_rows, event_dicts, write_jsonl
 from tests.control.raycluster import RayCluster, make_cluster
@@ -240,7 +243,8 @@ def test_a_failed_rank_of_a_lost_node_is_held_back_until_ray_says_how_the_job_en
 
 def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(servers, cluster, tmp_path):
     """The job is placed on the worker node (USF_RAY_RESOURCES asks for its custom resource); that node is killed
-    after the first checkpoint; a node with the same resource joins (as an autoscaler replaces it). The server is
+    after the first checkpoint, its engine with it (Ray's raylet dies at once, the processes it started only once
+    they notice); a node with the same resource joins (as an autoscaler replaces it). The server is
     restarted during the second attempt and follows it to the end."""
     again = servers["placed"]
     home = again.home
@@ -255,6 +259,10 @@ def test_a_lost_node_interrupts_the_job_which_resumes_from_its_checkpoint(server
             where = client.get(f"/jobs/{job['id']}/placement").json()["where"]
             assert where.startswith(f"Ray job usf-{job['id']}-") and f" on {cluster.address}" in where, where
             cluster.nodes[1].kill()
+            for pids in job_processes(job["id"]).values():   # a lost machine takes its processes with it at once
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             lost_at = time.monotonic()
             cluster.add_worker(cpus=1, resources=json.dumps({WORKER: 1}), wait=False)   # the replacement, joining
             requeued = wait_for(client, job["id"], lambda j: j["attempts"] >= 2 or final(j), timeout=60)
