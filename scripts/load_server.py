@@ -4,7 +4,7 @@ one running job with /api/health probed meanwhile, recovery after the load, and 
 (USF_REQUIRE_AUTH=1) and every request carries an admin key.
 
     python scripts/load_server.py [--postgres | --database-url postgresql://…] [--clients 200] [--requests 20]
-                                  [--watch-seconds 60]
+                                  [--watch-seconds 60] [--access-log app,uvicorn]
 
 Run from the repository root (it builds a tiny model with the tests' helpers). Prints one JSON object.
 """
@@ -61,13 +61,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--watch-seconds", type=float, default=60, help="0: no SSE part")
+    parser.add_argument("--access-log", default="app",
+                        help="USF_ACCESS_LOG of the hammered server; a comma list (app,uvicorn) hammers one server of "
+                             "each, one after the other, in this run")
     args = parser.parse_args()
+    args.access_logs = args.access_log.split(",")
+    args.database_urls = [args.database_url] * len(args.access_logs)
     postgres = None
     if args.postgres:
         from tests.api.postgres import start_postgres
 
         postgres = start_postgres()
         args.database_url = postgres.new_database()
+        args.database_urls = [postgres.new_database() for _ in args.access_logs]   # each server starts empty
         args.second_database_url = postgres.new_database()   # the SSE part's server starts empty too
     try:
         run(args)
@@ -80,19 +86,25 @@ def run(args: argparse.Namespace) -> None:
     report: dict = {"database": "postgresql" if args.database_url else "sqlite",
                     "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as folder:
-        server, client, key = start(Path(folder) / "a", args.database_url, USF_MAX_CPU_JOBS="0")
-        for i in range(50):
-            submit(client, job_spec("tiny", "chat", name=f"job-{i}"))
-        for path in ("/api/jobs", "/api/health"):
-            # one request first: the clock starts on a server that has answered this route once (its queries
-            # compiled, its first page read), as any server that has been up a while has
-            assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"}).status_code == 200
-            result = run_loop(hammer("127.0.0.1", server.port, path, args.clients, args.requests, key, timeout=120))
-            report[path] = result.summary()
-        started = time.monotonic()
-        report["health_after_load"] = {"status": httpx.get(server.url + "/api/health", timeout=5).status_code,
-                                       "seconds": round(time.monotonic() - started, 3)}
-        report["sigterm_seconds"] = stop(server)
+        for mode, database_url in zip(args.access_logs, args.database_urls):
+            if len(args.access_logs) > 1:   # one part of the report a mode
+                part = report.setdefault("access_log", {}).setdefault(mode, {})
+            else:
+                part, report["access_log"] = report, mode
+            server, client, key = start(Path(folder) / f"a-{mode}", database_url, USF_MAX_CPU_JOBS="0",
+                                        USF_ACCESS_LOG=mode)
+            for i in range(50):
+                submit(client, job_spec("tiny", "chat", name=f"job-{i}"))
+            for path in ("/api/jobs", "/api/health"):
+                # one request first: the clock starts on a server that has answered this route once (its queries
+                # compiled, its first page read), as any server that has been up a while has
+                assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+                result = run_loop(hammer("127.0.0.1", server.port, path, args.clients, args.requests, key, timeout=120))
+                part[path] = result.summary()
+            started = time.monotonic()
+            part["health_after_load"] = {"status": httpx.get(server.url + "/api/health", timeout=5).status_code,
+                                         "seconds": round(time.monotonic() - started, 3)}
+            part["sigterm_seconds"] = stop(server)
         if not args.watch_seconds:
             report["load_average_after"] = os.getloadavg()[0]
             print(json.dumps(report, indent=1))

@@ -96,7 +96,7 @@ def serve(
 
     settings = get_settings()
     host = host or settings.host
-    application = create_app(settings, host)
+    application = create_app(settings, host, access_log=settings.access_log == "app")
     if application.state.auth_required:
         why = "USF_REQUIRE_AUTH is set" if is_loopback(host) else f"{host} is not a loopback address"
         console.print(f"API keys required ({why}); create one with `usf-bios keys create --name NAME --admin`")
@@ -105,7 +105,7 @@ def serve(
     # connections only after 150-470 ms (the others' requests went first), asyncio's loop all of them within the
     # batch, at the same throughput (docs/benchmarks.md, "The server under load").
     uvicorn.run(application, host=host, port=port or settings.port, log_level="info", loop="asyncio",
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                access_log=settings.access_log == "uvicorn", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 @app.command()

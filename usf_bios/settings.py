@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_json_kb: int = Field(1024, ge=1, le=1_048_576, validation_alias="USF_MAX_JSON_KB",
                              description="Largest JSON request body (413 past it, before it is read whole).")
     max_upload_mb: int = Field(1024, ge=1, validation_alias="USF_MAX_UPLOAD_MB", description="Largest dataset upload.")
+    access_log: Literal["app", "uvicorn", "off"] = Field(
+        "app", validation_alias="USF_ACCESS_LOG",
+        description="The access log of `usf-bios serve`: app (one line a request in uvicorn's format, written in "
+                    "batches: the cheapest), uvicorn (uvicorn's own, a write a line) or off.")
     executor: Literal["local", "remote", "ray"] = Field(
         "local", validation_alias="USF_EXECUTOR",
         description="Where jobs run unless their gpu_config.executor names one: local (a process on this host), "

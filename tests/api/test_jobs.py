@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -134,6 +136,28 @@ def test_cancel_of_a_queued_job_is_immediate(ready, make_server):
     assert client.post(f"/jobs/{second['id']}/cancel").json()["status"] == "cancelled"
     client.post(f"/jobs/{first['id']}/cancel")
     assert wait_for(client, first["id"], final)["status"] == "cancelled"
+
+
+def test_an_engine_stopped_from_outside_ends_cancelled_with_its_checkpoint(ready):
+    """A SIGTERM that did not come from this server (a Ctrl-C, a drained node): the engine saves a checkpoint and
+    says cancelled, and the job ends cancelled (it stayed running forever: a running job may not become cancelled
+    without a cancel's steps), resumable from that checkpoint."""
+    from tests.api.test_distributed_jobs import job_processes
+
+    server, client = ready
+    job = submit(client, job_spec("tiny", "chat", max_steps=100_000, save_steps=100_000, eval_steps=100_000))
+    wait_for(client, job["id"], lambda j: j["current_step"] >= 2 or final(j))
+    (pid,) = job_processes(job["id"])["single"]
+    os.kill(pid, signal.SIGTERM)
+    stopped = wait_for(client, job["id"], final, timeout=60)
+    assert stopped["status"] == "cancelled", stopped
+    assert client.get(f"/jobs/{job['id']}/checkpoints").json()
+    assert "stopped from outside" in (server.home / "server.log").read_text()
+    assert client.post(f"/jobs/{job['id']}/resume").json()["status"] == "queued"
+    wait_for(client, job["id"], lambda j: (j["status"] == "running" and j["current_step"] > stopped["current_step"])
+             or final(j))
+    client.post(f"/jobs/{job['id']}/cancel")
+    assert wait_for(client, job["id"], final)["status"] == "cancelled"
 
 
 def test_bad_specs_get_422_naming_the_field(ready):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,6 +51,23 @@ def test_keys_on_urls_never_reach_the_log(make_server):
     assert key not in log and other not in log and key[4:] not in log
     assert "/api/jobs/nope/ws?since=0&token=[redacted]" in log
     assert "/api/jobs?token=[redacted]" in log and "/api/health?k=[redacted]" in log
+
+
+def test_the_access_log_has_one_line_a_request_in_uvicorns_format_and_flushes_at_exit(make_server):
+    """`usf-bios serve` writes the access log itself (api/logs.AccessLog), uvicorn's is off: each request once,
+    the guard's refusals included, and the lines still buffered at SIGTERM reach the log."""
+    server = make_server().start()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/api/health").status_code == 200
+        for i in range(30):
+            assert client.get(f"/api/jobs/nope-{i}", params={"since": i}).status_code == 404
+        assert client.get("/api/health", headers={"Host": "evil.example"}).status_code == 400
+    server.stop()   # at once: the last lines are still in the buffer
+    log = (server.home / "server.log").read_text()
+    for i in range(30):
+        assert log.count(f'"GET /api/jobs/nope-{i}?since={i} HTTP/1.1" 404 Not Found\n') == 1, log[-3000:]
+    assert re.search(r'^INFO: {5}127\.0\.0\.1:\d+ - "GET /api/health HTTP/1\.1" 200 OK$', log, re.MULTILINE), log[-3000:]
+    assert log.count('"GET /api/health HTTP/1.1" 400 Bad Request') == 1
 
 
 def _start_uvicorn_factory(env: dict[str, str], port: int, log_path) -> subprocess.Popen:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -166,17 +168,38 @@ def check_a_failed_fetch_submitted_again_fetches_the_new_url(worker, files: str)
     assert urls == [(files + "/broken.jsonl", files + "/callback")]
 
 
-def test_cancel_stops_a_running_job(make_worker, files, tmp_path: Path):
+def test_cancel_stops_a_running_job_and_a_submit_again_resumes_it(make_worker, files, tmp_path: Path):
+    """A submit again while the cancel is still saving its checkpoint is a 503 with Retry-After (it was taken as a
+    duplicate and dropped, and the control plane's resume never ran); once cancelled, the same submit resumes it."""
+    from tests.api.test_distributed_jobs import job_processes
+
     worker = make_worker().start()
     Files.files["/chat.jsonl"] = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20)).read_bytes()
+    body = payload("long", files + "/chat.jsonl", max_steps=200, save_steps=1000)
     with worker.client() as client:
-        external = client.post("/training/submit", json=payload("long", files + "/chat.jsonl", max_steps=5000)).json()["external_job_id"]
+        external = client.post("/training/submit", json=body).json()["external_job_id"]
         wait_status(client, external, lambda s: s["current_step"] >= 2 or ended(s))
-        assert client.post(f"/training/cancel/{external}").status_code == 200
+        (engine,) = job_processes(external)["single"]
+        os.kill(engine, signal.SIGSTOP)   # the cancel's SIGTERM waits: the job stays cancelling
+        try:
+            assert client.post(f"/training/cancel/{external}").status_code == 200
+            early = client.post("/training/submit", json=body)
+            assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
+            assert "still stopping" in early.json()["detail"]
+        finally:
+            os.kill(engine, signal.SIGCONT)
         status = wait_status(client, external, ended, timeout=60)
         assert status["status"] == "cancelled"
+        stopped_at = status["current_step"]
         assert client.get(f"/training/artifacts/{external}").status_code == 409
         assert client.get("/training/status/nobody").status_code == 404
+
+        again = client.post("/training/submit", json=body)
+        assert again.status_code == 202 and again.json()["external_job_id"] == external
+        status = wait_status(client, external, lambda s: s["status"] in ("completed", "failed"))
+        assert status["status"] == "completed" and status["current_step"] == 200 > stopped_at, status
+    log = next((worker.home / "data" / "logs").glob("*.log")).read_text()
+    assert f"resuming from checkpoint-{stopped_at}" in log
 
 
 def test_the_artifact_download_is_cut_off_at_its_cap(files, tmp_path: Path):

@@ -5,8 +5,15 @@ starts with ``usf_``, and the ``sig=`` of a signed dataset URL (and any other ``
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
+import sys
+from http import HTTPStatus
+from typing import TextIO
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REDACTED = "[redacted]"
 UVICORN_LOGGERS = ("uvicorn.access", "uvicorn.error")
@@ -39,3 +46,57 @@ def install_key_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, KeyRedactingFilter) for f in logger.filters):
             logger.addFilter(KeyRedactingFilter())
+
+
+_PHRASES = {int(s): s.phrase for s in HTTPStatus}
+
+
+class AccessLog:
+    """ASGI middleware: uvicorn's access line for each HTTP request (``INFO:     127.0.0.1:5 - "GET /api/jobs
+    HTTP/1.1" 200 OK``, keys redacted), written for `usf-bios serve` in place of uvicorn's ``uvicorn.access``.
+    Under load uvicorn's took about 30% of the server's CPU — a LogRecord, its formatter, the key filter and one
+    write and flush per request; here a line is one f-string (redacted only when it can hold a key), and lines go
+    out together at most ``flush_s`` later (and at exit), one write each time."""
+
+    def __init__(self, app: ASGIApp, stream: TextIO | None = None, flush_s: float = 0.2) -> None:
+        self.app, self.stream, self.flush_s = app, stream, flush_s
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        atexit.register(self.flush)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.log(scope, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, logged)
+
+    def log(self, scope: Scope, status: int) -> None:
+        client = scope.get("client")
+        where = f"{client[0]}:{client[1]}" if client else "-"
+        path = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string") or b""
+        target = (path + b"?" + query if query else path).decode("latin-1")
+        if query or "usf_" in target:
+            target = redact_keys(target)
+        self._lines.append(f'INFO:     {where} - "{scope["method"]} {target} HTTP/{scope.get("http_version", "1.1")}" '
+                           f'{status} {_PHRASES.get(status, "")}\n')
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self._lines:
+            return
+        text, self._lines = "".join(self._lines), []
+        stream = self.stream or sys.stdout
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):   # the stream was closed (at exit)
+            pass

@@ -20,14 +20,14 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
-from usf_bios.api.logs import install_key_redaction
+from usf_bios.api.logs import AccessLog, install_key_redaction
 from usf_bios.api.reads import FastReads, Reads
 from usf_bios.serverlog import log_to_stderr
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
                                  remote, system)
 from usf_bios.control.datasets import sweep_orphan_uploads
 from usf_bios.control.db import Database, migrate
-from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
+from usf_bios.control.errors import Busy, Conflict, DomainError, Forbidden, Invalid, NotFound, Unsupported
 from usf_bios.datasets.formats import DatasetError
 from usf_bios.inference.engine import InferenceEngine
 from usf_bios.settings import Settings
@@ -37,7 +37,7 @@ from usf_bios.web import mount_web
 
 log = logging.getLogger("usf_bios.server")
 DOMAIN_STATUS: dict[type[DomainError], int] = {NotFound: 404, Conflict: 409, Forbidden: 403, Unsupported: 415,
-                                               Invalid: 422}
+                                               Invalid: 422, Busy: 503}
 
 
 def is_loopback(host: str) -> bool:
@@ -55,7 +55,7 @@ def error_response(exc: Exception) -> JSONResponse:
     body: dict[str, Any] = {"detail": str(exc)}
     if isinstance(exc, Invalid):
         body["errors"] = exc.errors()
-    return JSONResponse(body, status_code=code)
+    return JSONResponse(body, status_code=code, headers={"Retry-After": "2"} if isinstance(exc, Busy) else None)
 
 
 def _authenticator(app: FastAPI) -> Any:
@@ -101,8 +101,10 @@ async def freeze_imports(every_s: float = 2.0) -> None:
         await asyncio.sleep(every_s)
 
 
-def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True) -> FastAPI:
-    """The app for these settings; ``host`` decides whether API keys are required."""
+def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: bool = True,
+               access_log: bool = False) -> FastAPI:
+    """The app for these settings; ``host`` decides whether API keys are required. ``access_log``: the app writes
+    the access log itself (api/logs.AccessLog; uvicorn's own is then turned off), as `usf-bios serve` does."""
     from usf_bios.control.adopt import INTERVAL_S as ADOPT_INTERVAL_S
     from usf_bios.control.pulls import Pulls
     from usf_bios.control.scheduler import Scheduler
@@ -168,7 +170,9 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     app.add_middleware(BodyGuard, max_json_bytes=settings.max_json_kb * 1024,
                        authenticate=_authenticator(app) if app.state.auth_required else None)
     app.add_middleware(FastReads, auth_required=app.state.auth_required)   # after the guard, before any routing
-    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)   # added last: runs first
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
+    if access_log:
+        app.add_middleware(AccessLog)   # added last: runs first, so it sees the guard's refusals too
 
     for module in (system, keys, remote, datasets, models, jobs, presets):
         app.include_router(module.router, prefix="/api")

@@ -1,6 +1,6 @@
 """Domain errors of the control plane. They know nothing of HTTP: ``api/main.py`` maps each kind to a status
 code and the API's JSON error shapes (``NotFound`` 404, ``Conflict`` 409, ``Forbidden`` 403, ``Unsupported``
-415, ``Invalid`` 422 with ``errors[]``); the CLI and a worker can print them as they are."""
+415, ``Busy`` 503, ``Invalid`` 422 with ``errors[]``); the CLI and a worker can print them as they are."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class Conflict(DomainError):
 
 class Forbidden(DomainError):
     """The caller may not do this (an admin's action, a folder outside the allowed roots)."""
+
+
+class Busy(DomainError):
+    """Not yet: what the request needs is moments away (a job still saving its checkpoint as it stops); the same
+    request again shortly succeeds (503 with Retry-After)."""
 
 
 class Unsupported(DomainError):

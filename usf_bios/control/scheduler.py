@@ -131,6 +131,11 @@ class Scheduler:
             lifecycle.mark_completed(job)
             record_artifact(session, self.layout, job)
         elif done.status == JobStatus.CANCELLED:
+            if job.status != JobStatus.CANCELLING.value:
+                # stopped where no cancel was asked from here (a Ctrl-C in the terminal of an adopted job, SIGTERM
+                # from outside, a remote side's own cancel): cancelled as its engine says, through a cancel's steps
+                log.info("job %s was stopped from outside (no cancel was asked here); it ended cancelled", job.id)
+                lifecycle.mark_cancelling(job)
             lifecycle.mark_cancelled(job)
         else:
             lifecycle.mark_failed(job, done.error or "the engine reported a failure")

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from usf_bios import __version__
-from usf_bios.control.errors import Conflict, DomainError, Forbidden, Invalid, NotFound
+from usf_bios.control.errors import Busy, Conflict, DomainError, Forbidden, Invalid, NotFound
 from usf_bios.serverlog import log_to_stderr
 from usf_bios.settings import Settings
 from usf_bios.spec import field_errors
@@ -25,7 +25,7 @@ from usf_bios.worker.callbacks import CallbackSender
 from usf_bios.worker.contract import EventsPage, RemoteJobStatus, SubmitAccepted, SubmitRequest
 from usf_bios.worker.service import WorkerService
 
-STATUS = {NotFound: 404, Conflict: 409, Forbidden: 403, Invalid: 422}
+STATUS = {NotFound: 404, Conflict: 409, Forbidden: 403, Invalid: 422, Busy: 503}
 
 
 class WorkerKeyMissing(RuntimeError):
@@ -85,7 +85,8 @@ def create_worker_app(settings: Settings) -> FastAPI:
         body: dict[str, Any] = {"detail": str(exc)}
         if isinstance(exc, Invalid):
             body["errors"] = exc.errors()
-        return JSONResponse(body, status_code=next((c for k, c in STATUS.items() if isinstance(exc, k)), 400))
+        return JSONResponse(body, status_code=next((c for k, c in STATUS.items() if isinstance(exc, k)), 400),
+                            headers={"Retry-After": "2"} if isinstance(exc, Busy) else None)
 
     @app.exception_handler(_Unauthorized)
     async def _unauthorized(_request: Request, _exc: Exception) -> JSONResponse:

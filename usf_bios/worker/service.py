@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from usf_bios.control import lifecycle
 from usf_bios.control.db import Database, migrate
-from usf_bios.control.errors import Conflict, Invalid, NotFound
+from usf_bios.control.errors import Busy, Conflict, Invalid, NotFound
 from usf_bios.control.executors.local import LocalExecutor
 from usf_bios.control.gpus import list_gpus
 from usf_bios.control.lifecycle import InvalidTransition, JobStatus
@@ -152,6 +152,9 @@ class WorkerService:
         new submit's dataset_url and callback_url (a fresh signed URL; the old one may have expired), checked as a
         first submit's are."""
         job = session.get(Job, sub.id)
+        if job is not None and job.status == JobStatus.CANCELLING.value:   # a resume sent while the cancel ends
+            raise Busy(f"job {sub.id} is still stopping (saving its checkpoint after a cancel); submit it again "
+                       "once its status is cancelled, and it continues from that checkpoint")
         restart = sub.state in ("failed", "cancelled") or (
             job is not None and job.status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value))
         if restart:

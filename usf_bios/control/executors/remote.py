@@ -80,6 +80,7 @@ class RemoteJob:
     last_answer: float = field(default_factory=time.monotonic)
     nudged: bool = True
     cancel_sent: int = 0          # 1: cancel sent; 2: sent again once the grace period ran out
+    submitted: bool = True        # this attempt's submit was taken (until then each poll submits again)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -118,6 +119,7 @@ class RemoteExecutor:
         with job.lock:
             # a new attempt (the first start, a resume, or after an interruption): a fresh window to answer in
             job.done, job.cancel_sent, job.reported, job.last_answer = False, 0, None, time.monotonic()
+            job.submitted = False
             try:
                 self._submit(job_id, job)
             except httpx.HTTPError as err:   # unreachable now: the poll submits again until the timeout
@@ -240,14 +242,14 @@ class RemoteExecutor:
         external = self.transport.submit(payload, job.external_id)
         if external != job.external_id:
             job.external_id, job.cursor, job.done = external, 0, False
-        job.last_answer, job.nudged = time.monotonic(), True
+        job.last_answer, job.nudged, job.submitted = time.monotonic(), True, True
         self._save(job_id, job)
         log.info("job %s submitted to %s as %s", job_id, self.url, external)
 
     def _pull(self, job_id: str, job: RemoteJob) -> None:
         job.last_poll, job.nudged = time.monotonic(), False
         try:
-            if job.external_id is None:
+            if job.external_id is None or not job.submitted:   # what the remote side says counts once it took it
                 self._submit(job_id, job)
             assert job.external_id is not None
             snapshot: Snapshot = self.transport.snapshot(job.external_id, job_id)
