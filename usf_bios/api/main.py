@@ -144,7 +144,8 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
     app.state.layout.ensure()
     app.state.auth_required = settings.require_auth or not is_loopback(host)
     app.state.inference = InferenceEngine(max_adapters=settings.max_loaded_adapters, idle_s=settings.inference_idle_s,
-                                          queue_size=settings.inference_queue, max_batch=settings.inference_batch)
+                                          queue_size=settings.inference_queue, max_batch=settings.inference_batch,
+                                          backend=settings.inference_backend)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -25,6 +25,7 @@ import torch
 from usf_bios.inference.generate import Row, run_batch
 from usf_bios.inference.loaded import BaseKey, LoadedBase, Target
 from usf_bios.inference.sampling import RequestError, SamplingParams
+from usf_bios.inference.vllm_base import VllmBase, resolve_backend
 
 log = logging.getLogger("usf_bios.inference")
 
@@ -112,10 +113,11 @@ class Generation:
 
 class InferenceEngine:
     def __init__(self, max_adapters: int = 8, idle_s: float = 900.0, queue_size: int = 32, max_batch: int = 8,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, backend: str = "transformers"):
         self.max_adapters, self.idle_s, self.queue_size, self.max_batch = max_adapters, idle_s, queue_size, max_batch
         self.device = device
-        self.bases: dict[BaseKey, LoadedBase] = {}
+        self.backend = resolve_backend(backend)   # transformers | vllm (vllm_base.py; QLoRA bases stay on transformers)
+        self.bases: dict[BaseKey, LoadedBase | VllmBase] = {}
         self.base_loads: Counter[BaseKey] = Counter()
         self.batches = self.requests = 0
         self._pending: deque[Generation] = deque()
@@ -151,11 +153,15 @@ class InferenceEngine:
             gen.fail(EngineUnavailable("the inference engine is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
+        for base in self.bases.values():
+            if isinstance(base, VllmBase):
+                base.close()
         self.bases.clear()
 
     def describe(self) -> dict[str, Any]:
         bases = list(self.bases.values())
         return {"bases": [{**b.describe(), "loads": self.base_loads[b.key]} for b in bases],
+                "backend": self.backend,
                 "waiting": len(self._pending), "queue_size": self.queue_size, "max_batch": self.max_batch,
                 "max_loaded_adapters": self.max_adapters, "idle_unload_s": self.idle_s,
                 "requests": self.requests, "batches": self.batches}
@@ -199,11 +205,12 @@ class InferenceEngine:
                     gen.fail(exc if isinstance(exc, (RequestError, EngineUnavailable)) else
                              EngineUnavailable(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _base(self, key: BaseKey) -> LoadedBase:
+    def _base(self, key: BaseKey) -> LoadedBase | VllmBase:
         base = self.bases.get(key)
         if base is None:
+            kind = VllmBase if self.backend == "vllm" and key.quantization == "none" else LoadedBase
             try:
-                base = LoadedBase(key, self.max_adapters, self.device)
+                base = kind(key, self.max_adapters, self.device)
             except Exception as exc:  # noqa: BLE001 - a folder that does not load: the reason goes to the client
                 log.exception("inference: base %s did not load", key.path)
                 raise EngineUnavailable(f"the model could not be loaded: {type(exc).__name__}: {exc}") from None
@@ -214,6 +221,9 @@ class InferenceEngine:
 
     def _run(self, batch: list[Generation]) -> None:
         base = self._base(batch[0].target.base)
+        if isinstance(base, VllmBase):
+            self._run_continuous(base, batch)
+            return
         rows: list[Row] = []
         for gen in batch:
             try:
@@ -236,6 +246,40 @@ class InferenceEngine:
         run_batch(base, rows)
         base.last_used = time.monotonic()
 
+    def _run_continuous(self, base: VllmBase, batch: list[Generation]) -> None:
+        """vLLM's continuous batching: the waiting requests of this base join the batch at each step, up to
+        ``max_batch`` at once; a request leaves it when it ends."""
+        self.batches += 1
+        self._admit(base, batch)
+        while base.live:
+            try:
+                base.step()
+            except Exception as exc:  # noqa: BLE001 - every request in the batch hears of it
+                log.exception("inference: a vLLM step failed")
+                base.fail_all(EngineUnavailable(f"generation failed: {type(exc).__name__}: {exc}"))
+                return
+            base.last_used = time.monotonic()
+            if len(base.live) < self.max_batch:
+                self._admit(base, self._waiting_for(base.key, self.max_batch - len(base.live)))
+
+    def _admit(self, base: VllmBase, gens: list[Generation]) -> None:
+        for gen in gens:
+            try:
+                ids = base.encode_chat(gen.messages) if gen.messages is not None else base.encode_prompt(gen.prompt or "")
+                base.add(gen, ids, base.max_new_tokens(len(ids), gen.params.max_tokens))
+            except RequestError as exc:
+                gen.fail(exc)
+                continue
+            gen.deliver(("start", len(ids)))
+
+    def _waiting_for(self, key: BaseKey, room: int) -> list[Generation]:
+        """Up to ``room`` waiting requests of this base, taken from the queue (oldest first)."""
+        with self._cond:
+            taken = [gen for gen in self._pending if gen.target.base == key][:room]
+            for gen in taken:
+                self._pending.remove(gen)
+        return taken
+
     def _unload_idle(self) -> None:
         now = time.monotonic()
         for key, base in list(self.bases.items()):
@@ -243,6 +287,8 @@ class InferenceEngine:
                 log.info("inference: unloading base %s (idle %.0f s, USF_INFERENCE_IDLE_S=%g)", key.path,
                          now - base.last_used, self.idle_s)
                 del self.bases[key]
+                if isinstance(base, VllmBase):
+                    base.close()
                 del base
                 gc.collect()
                 if torch.cuda.is_available():

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from usf_bios.inference.prompts import Encoder
 from usf_bios.inference.sampling import RequestError
 
 log = logging.getLogger("usf_bios.inference")
-DEFAULT_MAX_TOKENS = 512
 BASE_ADAPTER = "__base__"   # peft's name for "no adapter" in a mixed batch
 
 
@@ -50,8 +50,10 @@ def adapter_name(folder: str) -> str:
     return "a" + hashlib.sha1(folder.encode()).hexdigest()[:12]
 
 
-class LoadedBase:
+class LoadedBase(Encoder):
     """One base model in memory with up to ``max_adapters`` adapters; used only from the engine's worker thread."""
+
+    backend = "transformers"
 
     def __init__(self, key: BaseKey, max_adapters: int, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,29 +94,6 @@ class LoadedBase:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("inference: loaded base %s in %.1f s (%.2f GB of weights)", key.path, self.load_seconds,
                  self.weight_bytes / 1e9)
-
-    # -- prompts ---------------------------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError("model", "this model has no chat template; use /v1/completions with a prompt")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - the template's own error (a role it does not take, …)
-            raise RequestError("messages", f"the model's chat template refused them: {exc}") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
-
-    def max_new_tokens(self, prompt_tokens: int, asked: int | None) -> int:
-        room = self.context_length - prompt_tokens
-        if room < 1:
-            raise RequestError("messages", f"the prompt has {prompt_tokens} tokens; the model's context holds "
-                                           f"{self.context_length}")
-        if asked is not None and asked > room:
-            raise RequestError("max_tokens", f"{asked} tokens do not fit: the prompt has {prompt_tokens} of the "
-                                             f"model's {self.context_length}")
-        return asked if asked is not None else min(room, DEFAULT_MAX_TOKENS)
 
     # -- adapters --------------------------------------------------------------------------------------------
     def use_adapters(self, folders: set[str]) -> dict[str, str]:
@@ -173,4 +152,4 @@ class LoadedBase:
                 "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
                 "weight_bytes": self.weight_bytes, "idle_seconds": round(time.monotonic() - self.last_used, 1),
                 "adapters": list(self.adapters), "adapter_loads": self.adapter_loads,
-                "adapter_evictions": self.adapter_evictions}
+                "adapter_evictions": self.adapter_evictions, "backend": self.backend}
