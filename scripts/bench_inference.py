@@ -112,7 +112,10 @@ def switch_cost(engine: InferenceEngine, base: BaseKey, adapters: list[str], rou
 
 
 SHAPES = {"llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 500000.0}}
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 500000.0},
+          # scripts/bench_decode_overhead.py: the matrix products cost little, the host's per-token work shows
+          "deep-thin": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 32,
+                        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16}}
 
 
 def random_model(source: str, shape: str | None, folder: str, adapters: int, device: str) -> tuple[str, list[str]]:

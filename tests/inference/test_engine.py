@@ -1,6 +1,6 @@
 """The inference engine on a tiny real Llama and real peft adapters: one base load for many adapters, switching
 without reloading, mixed-adapter batches equal to one-by-one answers, the LRU, the bounded queue, idle unloading,
-stop strings, seeds, streaming."""
+stop strings, seeds, streaming (each row's stream equal to decoding its whole text after every token)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tests.tiny import build_tiny_model
+from usf_bios.inference.detokenize import IncrementalText
 from usf_bios.inference.engine import EngineUnavailable, Generation, InferenceEngine, QueueFull
-from usf_bios.inference.loaded import BaseKey, Target
-from usf_bios.inference.sampling import RequestError, SamplingParams, safe_length
+from usf_bios.inference.generate import Row, _advance
+from usf_bios.inference.loaded import BaseKey, LoadedBase, Target
+from usf_bios.inference.sampling import RequestError, SamplingParams, find_stop, safe_length
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -161,3 +163,67 @@ def test_safe_length_holds_back_a_stop_strings_start():
     assert safe_length("hello wor", ("world",)) == 6
     assert safe_length("hello", ("xyz",)) == 5
     assert safe_length("ab\ufffd", ()) == 2
+
+
+def delivered_by_whole_decoding(tokenizer, eos_ids: set[int], tokens: list[int], params: SamplingParams,
+                                max_new: int) -> list[tuple]:
+    """What a row streams when its whole text is decoded again after every token (the engine's rule before it
+    decoded incrementally): the safe part of the text, the rest at the end, cut at the first stop string."""
+    items, kept, sent = [], [], 0
+    for token in tokens:
+        finish = "stop" if token in eos_ids else None
+        kept += [] if finish else [token]
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        cut = find_stop(text, params.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        finish = finish or ("length" if len(kept) >= max_new else None)
+        end = len(text) if finish else safe_length(text, params.stop)
+        if end > sent:
+            items.append(("text", text[sent:end]))
+            sent = end
+        if finish:
+            return items + [("done", finish, len(kept))]
+    return items
+
+
+@pytest.mark.parametrize("answer, stop, max_new", [
+    ("The capital of France is Paris. café 日本 🦊🦊 €5", (), 64),            # characters of several tokens
+    ("The capital of France is Paris.", ("al of Fr",), 64),                   # a stop string across tokens
+    ("hello 🦊 world, the quick brown fox", ("🦊 w", "xyz"), 64),            # … that begins inside a character
+    ("answer: 日本語 and more", ("本語",), 64),
+    ("ok 🦊 and then", (), 3),                                                # the length ends inside a character
+    ("the lazy dog jumps", ("dog",), 64),
+])
+def test_a_streamed_row_delivers_what_whole_decoding_delivers(tiny, answer, stop, max_new):
+    base = LoadedBase(tiny[0], 2, torch.device("cpu"))
+    tokens = list(base.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [min(base.eos_ids)]
+    params = SamplingParams(temperature=0, stop=stop)
+    gen = Generation(Target(tiny[0]), None, "", params)
+    row = Row(gen, [], None, params, max_new, decoded=IncrementalText(base.tokenizer))
+    for token in tokens:
+        _advance(row, token, base)
+        if row.finish:
+            break
+    items = [item for item in iter(gen)]
+    assert items == delivered_by_whole_decoding(base.tokenizer, base.eos_ids, tokens, params, max_new)
+    assert len([i for i in items if i[0] == "text"]) > 1
+
+
+def test_rows_that_end_mid_batch_stream_what_they_stream_alone(tiny, engine):
+    base, a, b = tiny
+    eng = engine()
+    free = eng.submit(Target(base, a), messages=QUESTION, params=SamplingParams(temperature=0, max_tokens=20)).result()
+    asks = [(Target(base, a), SamplingParams(temperature=0, max_tokens=20, stop=(free.text[6:9],))),   # a stop
+            (Target(base, b), SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=3)),      # sampled
+            (Target(base), SamplingParams(temperature=0, max_tokens=5)),                                # short
+            (Target(base, a), SamplingParams(temperature=1.0, max_tokens=20, seed=11, stop=("e",)))]
+
+    def stream(gen: Generation) -> list[tuple]:
+        return [item for item in gen if item[0] in ("text", "done")]
+
+    alone = [stream(eng.submit(t, messages=QUESTION, params=p)) for t, p in asks]
+    with eng._cond:   # one batch: each row leaves it at its own end
+        gens = [eng.submit(t, messages=QUESTION, params=p) for t, p in asks]
+    assert [stream(g) for g in gens] == alone
+    assert alone[0][-1][1] == "stop" and alone[2][-1] == ("done", "length", 5)

@@ -5,11 +5,12 @@ the batch when it finishes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from usf_bios.inference.sampling import SamplingParams, choose_token, find_stop, safe_length
+from usf_bios.inference.detokenize import IncrementalText, decode
+from usf_bios.inference.sampling import SamplingParams, choose_tokens, find_stop, safe_length
 
 if TYPE_CHECKING:
     from usf_bios.inference.engine import Generation
@@ -29,9 +30,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0            # characters of the text already delivered
     finish: str | None = None
-
-    def text(self, tokenizer: Any) -> str:
-        return tokenizer.decode(self.tokens, skip_special_tokens=True)
+    decoded: IncrementalText | None = None   # the text of ``tokens`` as they grow (set by run_batch)
 
 
 def _left_pad(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +49,10 @@ def _advance(row: Row, token: int, base: "LoadedBase") -> None:
         row.finish = "stop"
     else:
         row.tokens.append(token)
-    text = row.text(base.tokenizer)
+    if row.finish or len(row.tokens) >= row.max_new or row.decoded is None:
+        text = decode(base.tokenizer, row.tokens)   # the last text of a row: decoded whole, once
+    else:
+        text = row.decoded.text(row.tokens)
     cut = find_stop(text, row.params.stop)
     if cut is not None:
         text, row.finish = text[:cut], "stop"
@@ -73,20 +75,21 @@ def run_batch(base: "LoadedBase", rows: list[Row]) -> None:
     device = base.device
     for row in rows:
         row.generator = row.params.generator(device)
+        row.decoded = IncrementalText(base.tokenizer)
     ids, mask = _left_pad(rows, base.pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    length = mask.shape[1]   # the mask is made once with a column for every step; each step sees its first columns
+    mask = torch.cat([mask, mask.new_ones((len(rows), max(r.max_new for r in rows)))], dim=1)
     cache = DynamicCache()
     active = list(rows)
     while active:
         extra, context = base.forward_options([r.adapter for r in active])
         with context:
-            out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{base.cache_arg: cache}, **extra)
-        logits = out.logits[:, -1, :]
-        next_ids = []
-        for i, row in enumerate(active):
-            token = choose_token(logits[i], row.params, row.generator)
-            next_ids.append(token)
+            out = base.model(input_ids=ids, attention_mask=mask[:, :length], position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{base.cache_arg: cache}, **extra)
+        chosen, next_ids = choose_tokens(out.logits[:, -1, :], [r.params for r in active],
+                                         [r.generator for r in active])
+        for row, token in zip(active, next_ids):
             if row.gen.cancelled:
                 row.finish = "cancelled"
             else:
@@ -97,9 +100,8 @@ def run_batch(base: "LoadedBase", rows: list[Row]) -> None:
         if len(keep) < len(active):   # finished rows leave the batch (and the cache)
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-            next_ids = [next_ids[i] for i in keep]
+            mask, positions, chosen = mask[index], positions[index], chosen[index]
             active = [active[i] for i in keep]
-        ids = torch.tensor(next_ids, device=device).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        ids = chosen.unsqueeze(1)
+        length += 1
         positions = positions[:, -1:] + 1

@@ -144,7 +144,8 @@ class LoadedBase(Encoder):
             return {"adapter_names": names}, nullcontext()   # peft's mixed batch: each row its own adapter
         if names[0] == BASE_ADAPTER:
             return {}, self.model.disable_adapter()
-        self.model.set_adapter(names[0])
+        if self.model.active_adapter != names[0]:   # peft's set_adapter walks every module: only on a change
+            self.model.set_adapter(names[0])
         return {}, nullcontext()
 
     def describe(self) -> dict[str, Any]:

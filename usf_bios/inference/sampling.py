@@ -47,19 +47,29 @@ class SamplingParams:
         return gen
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The next token from one row of logits (vocabulary,): argmax at temperature 0, else a draw from the
-    temperature-scaled distribution cut to the smallest set of tokens whose probability reaches ``top_p``."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> tuple[torch.Tensor, list[int]]:
+    """The next token of every row of ``logits`` (rows, vocabulary), on the device (rows,) and as a list: one
+    argmax for all the rows and one copy to the host (a single device sync a step); the rows that sample draw with
+    their own generator, one by one, so a seeded row draws what it would alone."""
+    chosen = torch.argmax(logits, dim=-1)
+    for i, (row_params, generator) in enumerate(zip(params, generators)):
+        if row_params.temperature != 0:
+            chosen[i:i + 1] = sample_token(logits[i], row_params, generator)
+    return chosen, chosen.tolist()
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw (a tensor of one token) from one row of logits (vocabulary,): the temperature-scaled distribution cut
+    to the smallest set of tokens whose probability reaches ``top_p``."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p   # the first always stays
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return order[pick]
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -76,7 +86,7 @@ def safe_length(text: str, stops: tuple[str, ...]) -> int:
         end -= 1
     for stop in stops:
         for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
+            if text.endswith(stop[:k], 0, end):
                 end -= k
                 break
     return end
