@@ -20,7 +20,7 @@ from usf_bios import __version__
 from usf_bios.api.bodies import BodyGuard
 from usf_bios.api.docs import mount_docs
 from usf_bios.api.guard import RequestGuard, is_loopback_name
-from usf_bios.api.logs import AccessLog, install_key_redaction
+from usf_bios.api.logs import AccessLog, flush_access_logs, install_key_redaction
 from usf_bios.api.reads import FastReads, Reads
 from usf_bios.serverlog import log_to_stderr
 from usf_bios.api.routes import (datasets, exports, jobs, keys, models, openai_finetune, openai_inference, presets,
@@ -129,6 +129,7 @@ def create_app(settings: Settings, host: str = "127.0.0.1", start_scheduler: boo
         app.state.inference.close()
         app.state.scheduler.stop()
         app.state.db.engine.dispose()
+        flush_access_logs()   # the requests of the last 0.2 s
 
     if settings.executor == "ray":   # one clear line at start, not a traceback from the scheduler's thread
         from usf_bios.control.executors.ray import ExecutorUnavailable, check_ray
