@@ -72,9 +72,13 @@ class VllmBase(Encoder):
         self.device = torch.device("cuda" if on_gpu else "cpu")
         dtype = "bfloat16" if on_gpu else "float32"
         log.info("inference: loading base %s in vLLM (%s, %s)", key.path, self.device, dtype)
+        extra: dict[str, Any] = {}
+        if on_gpu:   # 90% of what is free now, not of the card: training jobs may hold part of it
+            free, total = torch.cuda.mem_get_info()
+            extra["gpu_memory_utilization"] = round(0.9 * free / total, 3)
         args = EngineArgs(model=key.path, tokenizer=key.path, trust_remote_code=key.trust_remote_code, dtype=dtype,
                           enable_lora=True, max_loras=max_adapters, max_cpu_loras=max(max_adapters, 64),
-                          max_lora_rank=MAX_LORA_RANK, enforce_eager=not on_gpu, seed=0)
+                          max_lora_rank=MAX_LORA_RANK, enforce_eager=not on_gpu, seed=0, **extra)
         self.engine: Any = LLMEngine.from_engine_args(args)
         config = self.engine.model_config
         super().__init__(AutoTokenizer.from_pretrained(key.path, local_files_only=True,
