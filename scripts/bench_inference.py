@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                        help="the inference engine's path (USF_INFERENCE_BACKEND)")
+    parser.add_argument("--engine-only", action="store_true", help="no transformers generate baseline")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,11 +178,12 @@ def main() -> None:
         model_path, adapters = random_model(model_path, args.shape, args.random, 2, args.device)
     device = torch.device(args.device)
     base = BaseKey(model_path)
-    engine = InferenceEngine(max_batch=args.streams, queue_size=max(32, args.streams), device=device)
+    engine = InferenceEngine(max_batch=args.streams, queue_size=max(32, args.streams), device=device,
+                             backend=args.backend)
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                     "shape": args.shape or os.path.basename(args.model), "random_weights": bool(args.random),
-                    "tokens_per_request": args.tokens}
+                    "tokens_per_request": args.tokens, "backend": args.backend}
     adapter = adapters[0] if adapters else None
     engine_run(engine, [Target(base, adapter)], 4)   # warm: the base and the adapter load
     report["base_load_s"] = engine.describe()["bases"][0]["load_seconds"]
@@ -196,6 +200,9 @@ def main() -> None:
     report["loads"], report["adapter_loads"] = state["loads"], state["adapter_loads"]
     engine.close()
     print(json.dumps(report), file=sys.stderr, flush=True)   # the engine's half, in case the baseline is cut short
+    if args.engine_only:
+        print(json.dumps(report, indent=1))
+        return
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype).to(device).eval()

