@@ -149,8 +149,13 @@ class LoadedBase(Encoder):
         return {}, nullcontext()
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.key.path, "quantization": self.key.quantization, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
-                "weight_bytes": self.weight_bytes, "idle_seconds": round(time.monotonic() - self.last_used, 1),
-                "adapters": list(self.adapters), "adapter_loads": self.adapter_loads,
-                "adapter_evictions": self.adapter_evictions, "backend": self.backend}
+        return describe_base(self)
+
+
+def describe_base(base: Any) -> dict[str, Any]:
+    """What /api/inference shows of a served base, either path's (``adapters``: its adapter folders)."""
+    return {"path": base.key.path, "quantization": base.key.quantization, "device": str(base.device),
+            "dtype": str(base.dtype).removeprefix("torch."), "load_seconds": round(base.load_seconds, 3),
+            "weight_bytes": base.weight_bytes, "idle_seconds": round(time.monotonic() - base.last_used, 1),
+            "adapters": list(base.adapters), "adapter_loads": base.adapter_loads,
+            "adapter_evictions": base.adapter_evictions, "backend": base.backend}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from usf_bios.inference.loaded import describe_base
 from usf_bios.inference.prompts import Encoder
 from usf_bios.inference.sampling import RequestError, SamplingParams
 
@@ -89,7 +90,7 @@ class VllmBase(Encoder):
         self.dtype = config.dtype
         self._ids = itertools.count(1)
         self.live: dict[str, _Live] = {}
-        self.lora_ids: OrderedDict[str, int] = OrderedDict()   # adapter folder → vLLM's int id, in first-use order
+        self.adapters: OrderedDict[str, int] = OrderedDict()   # adapter folder → vLLM's int id, in first-use order
         self.adapter_loads = self.adapter_evictions = 0
         self.last_used = time.monotonic()
         self.load_seconds = time.perf_counter() - started
@@ -150,23 +151,19 @@ class VllmBase(Encoder):
         config = Path(folder) / "adapter_config.json"
         if not config.is_file():
             raise RequestError("model", "the adapter's files are missing")
-        if folder not in self.lora_ids:
+        if folder not in self.adapters:
             rank = int(json.loads(config.read_text()).get("r") or 0)
             if rank > MAX_LORA_RANK:
                 raise RequestError("model", f"the adapter's rank {rank} is over the {MAX_LORA_RANK} vLLM serves")
-            self.lora_ids[folder] = len(self.lora_ids) + 1
+            self.adapters[folder] = len(self.adapters) + 1
             self.adapter_loads += 1
-            log.info("inference: adapter %s handed to vLLM (id %d)", folder, self.lora_ids[folder])
-        self.lora_ids.move_to_end(folder)
-        return LoRARequest(f"a{self.lora_ids[folder]}", self.lora_ids[folder], folder)
+            log.info("inference: adapter %s handed to vLLM (id %d)", folder, self.adapters[folder])
+        self.adapters.move_to_end(folder)
+        return LoRARequest(f"a{self.adapters[folder]}", self.adapters[folder], folder)
 
     # -- the engine's view ---------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {"path": self.key.path, "quantization": self.key.quantization, "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
-                "weight_bytes": self.weight_bytes, "idle_seconds": round(time.monotonic() - self.last_used, 1),
-                "adapters": list(self.lora_ids), "adapter_loads": self.adapter_loads,
-                "adapter_evictions": self.adapter_evictions, "backend": self.backend}
+        return describe_base(self)
 
     def close(self) -> None:
         """Stop vLLM's engine (its core, and any worker process of its executor)."""
