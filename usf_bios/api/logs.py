@@ -6,7 +6,6 @@ starts with ``usf_``, and the ``sig=`` of a signed dataset URL (and any other ``
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import re
 import sys
@@ -72,7 +71,6 @@ class AccessLog:
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         _ACCESS_LOGS.add(self)
-        atexit.register(self.flush)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
