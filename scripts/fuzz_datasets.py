@@ -8,7 +8,9 @@ Arguments are libFuzzer's (``-help=1`` lists them). An input's first byte picks 
 atheris prints the input and its traceback, writes it to ``crash-*`` and exits non-zero. Without a corpus
 folder one is made in a temporary folder; an empty one is seeded with a valid file of each format and a few
 nested and CSV shapes, and the field names of the formats are given as a dictionary (``-dict``).
-tests/datasets/test_fuzz.py runs this for 15 seconds.
+tests/datasets/test_fuzz.py runs this for 15 seconds. ``-rss_limit_mb`` reads the peak RSS, which Linux keeps
+across exec: started straight from a large process (a pytest worker with torch loaded), the fuzzer begins at that
+process's peak; start it from a shell (the test goes through ``sh``).
 """
 
 from __future__ import annotations
